@@ -1,0 +1,99 @@
+"""Run metrics: one JSON line per step, TensorBoard scalars, and a reward-curve PNG.
+
+Only the logging rank writes; every line is flushed so a killed run keeps every finished step.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Mapping
+
+REWARD_CURVE = "reward_curve.png"
+METRICS_FILE = "metrics.jsonl"
+
+
+def _plain(value):
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsLogger:
+    """Appends ``{"step": N, ...}`` records to ``OUTPUT_DIR/metrics.jsonl`` and mirrors them to TensorBoard."""
+
+    def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True, resume_step: int = 0):
+        self.output_dir = Path(output_dir)
+        self.enabled = enabled
+        self.path = self.output_dir / METRICS_FILE
+        self._writer = None
+        if not enabled:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._truncate_after(resume_step)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=resume_step + 1)
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop records of steps after the checkpoint so the file tells one consistent history."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> dict:
+        record = {"step": step, **{k: _plain(v) for k, v in sorted(metrics.items())}}
+        if not self.enabled:
+            return record
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._writer.add_scalar(key, value, step)
+            self._writer.flush()
+        return record
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_reward_curve(metrics_path: str | Path, out_path: str | Path, smooth: int = 1) -> Path:
+    """Plot ``reward/mean`` and every ``reward/<name>`` against step (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    keys = sorted({k for r in records for k in r if k.startswith("reward/") and k != "reward/std"})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in keys:
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        if not points:
+            continue
+        steps, values = zip(*points)
+        if smooth > 1:
+            values = [sum(values[max(0, i - smooth + 1): i + 1]) / len(values[max(0, i - smooth + 1): i + 1])
+                      for i in range(len(values))]
+        ax.plot(steps, values, label=key, linewidth=2.5 if key == "reward/mean" else 1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax.set_title("GRPO rewards" + (f" (moving average of {smooth})" if smooth > 1 else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path

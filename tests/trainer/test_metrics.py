@@ -1,0 +1,22 @@
+import json
+
+from megatron_vlmr1.trainer.metrics import MetricsLogger, plot_reward_curve, read_metrics
+
+
+def test_jsonl_resume_truncates_and_plot(tmp_path):
+    logger = MetricsLogger(tmp_path, tensorboard=True)
+    for step in range(1, 6):
+        logger.log(step, {"reward/mean": step / 10, "reward/iou": step / 20, "kl": float("nan")})
+    logger.close()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert records[0]["kl"] is None and records[2]["reward/mean"] == 0.3
+
+    resumed = MetricsLogger(tmp_path, tensorboard=False, resume_step=3)
+    resumed.log(4, {"reward/mean": 0.9})
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+    png = plot_reward_curve(tmp_path / "metrics.jsonl", tmp_path / "reward_curve.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any((tmp_path / "tensorboard").iterdir())
