@@ -1,0 +1,20 @@
+"""Session-wide fixtures: tiny Qwen-VL checkpoints built once per test session (a few seconds each)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tools.make_tiny_model import make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl(tmp_path_factory) -> Path:
+    """Directory of a tiny Qwen2.5-VL HF checkpoint (seed 0, 2 layers, untied embeddings)."""
+    return make_tiny_model("qwen2_5_vl", tmp_path_factory.mktemp("tiny_qwen2_5_vl"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl(tmp_path_factory) -> Path:
+    """Directory of a tiny Qwen2-VL HF checkpoint (seed 0, 2 layers, untied embeddings)."""
+    return make_tiny_model("qwen2_vl", tmp_path_factory.mktemp("tiny_qwen2_vl"), seed=0)
