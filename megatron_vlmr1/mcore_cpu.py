@@ -9,7 +9,8 @@ literal ``device="cuda"``. ``enable_cpu_mode()`` redirects exactly those to the 
 * ``torch.cuda.manual_seed`` / ``torch.cuda[.random].get_rng_state`` / ``set_rng_state`` -> the CPU generator, and
   megatron's own ``_set_cuda_rng_state`` likewise, so the TP rng tracker forks the CPU generator;
 * a ``TorchFunctionMode`` rewrites ``device="cuda"`` (or ``torch.device("cuda", i)``) in any torch call, and
-  ``Tensor.cuda()`` / ``Tensor.to("cuda")``, to the CPU.
+  ``Tensor.cuda()`` / ``Tensor.to("cuda")``, to the CPU, and reports CPU tensors' ``Tensor.type()`` as
+  ``torch.cuda.*Tensor`` (megatron's (distributed) optimizer checks parameter types by that string).
 
 It is switched on explicitly, only for CPU runs (a CUDA run never calls it), and is idempotent. After enabling,
 initialise ``parallel_state`` and call ``tensor_parallel.model_parallel_cuda_manual_seed`` as usual; models need an
@@ -43,6 +44,10 @@ class _CudaToCpuMode(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # megatron's optimizers accept only 'torch.cuda.*Tensor' type strings for model params
+            name = func(*args)
+            return name if ".cuda." in name else name.replace("torch.", "torch.cuda.", 1)
         if "device" in kwargs:
             kwargs["device"] = _to_cpu_device(kwargs["device"])
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
