@@ -1,0 +1,274 @@
+"""Qwen-VL prompt side: chat messages + images -> token ids, pixel values and 3-D mrope position ids.
+
+Both engines (HF, vLLM) and the trainer go through these functions, so the prompt a completion was sampled from is
+token for token the prompt the trainer scores it under. The transformers processor is used only for what is
+model-specific and stable (chat template, image preprocessing); image-token expansion, padding and the mrope index
+are done here as small pure functions, tested against transformers.
+
+Layout conventions:
+  - a prompt's ``<|image_pad|>`` is expanded to ``t*h*w / merge**2`` copies, one per merged vision patch;
+  - generation batches are **left**-padded (every row's next token is at the last column);
+  - training batches (prompt + completion) are **right**-padded (a row's tokens start at column 0);
+  - pixel values of all images of all rows are concatenated in row order, then image order within a row.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+IMAGE_PLACEHOLDER = "<image>"  # VLM-R1's marker for "an image goes here" in a human turn
+
+ImageInput = str | os.PathLike | Image.Image
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageGeometry:
+    """Original image size and the size the processor resized it to (what the model's coordinates refer to).
+
+    Sizes are ``(height, width)`` in pixels. Boxes predicted in resized pixels map to the original image by
+    multiplying x by ``original[1] / resized[1]`` and y by ``original[0] / resized[0]``.
+    """
+
+    original: tuple[int, int]
+    resized: tuple[int, int]
+
+
+@dataclasses.dataclass
+class EncodedPrompt:
+    """One prompt ready for a model: image tokens expanded, images preprocessed.
+
+    ``input_ids`` [seq] (list of ints), ``pixel_values`` [num_patches, channels * temporal_patch * patch**2] or None,
+    ``image_grid_thw`` [num_images, 3] (in patches, before merging) or None, ``images`` one geometry per image.
+    """
+
+    input_ids: list[int]
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+    images: list[ImageGeometry]
+
+
+@dataclasses.dataclass
+class PromptBatch:
+    """Left-padded prompts for generation.
+
+    ``input_ids``/``attention_mask`` [batch, seq], ``position_ids`` [3, batch, seq] (0 at padding),
+    ``rope_deltas`` [batch] (next text position minus next column index), ``pixel_values`` [patches, dim] or None,
+    ``image_grid_thw`` [images, 3] or None.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    rope_deltas: torch.Tensor
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+
+
+@dataclasses.dataclass
+class TrainingBatch:
+    """Right-padded prompt + completion rows for scoring/training.
+
+    ``input_ids``/``attention_mask`` [batch, seq]; ``position_ids`` [3, batch, seq] (0 at padding);
+    ``completion_mask`` [batch, seq] is 1 where the *token* at that column is a completion token, so the log-prob of
+    token ``t`` comes from the logits at column ``t - 1``; ``prompt_lengths`` [batch]; pixel fields as in PromptBatch.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    prompt_lengths: torch.Tensor
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+
+
+def build_messages(prompt: str, num_images: int, system_prompt: str | None = None) -> list[dict[str, Any]]:
+    """Chat messages for one user turn; each ``<image>`` in ``prompt`` becomes an image slot, in order.
+
+    A prompt without ``<image>`` markers gets all its images before the text (VLM-R1's convention).
+    """
+    if num_images < 0:
+        raise ValueError(f"num_images must be >= 0, got {num_images}")
+    pieces = prompt.split(IMAGE_PLACEHOLDER)
+    markers = len(pieces) - 1
+    if markers == 0:
+        pieces = [""] * num_images + [prompt]
+    elif markers != num_images:
+        raise ValueError(f"prompt has {markers} {IMAGE_PLACEHOLDER} markers but {num_images} images were given")
+    content: list[dict[str, Any]] = []
+    for index, text in enumerate(pieces):
+        if index > 0:
+            content.append({"type": "image"})
+        if text:
+            content.append({"type": "text", "text": text})
+    messages: list[dict[str, Any]] = []
+    if system_prompt is not None:
+        messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
+    messages.append({"role": "user", "content": content})
+    return messages
+
+
+def count_images(messages: Sequence[dict[str, Any]]) -> int:
+    """Number of image slots in chat messages (content items of type ``image``)."""
+    return sum(1 for message in messages if not isinstance(message["content"], str)
+               for item in message["content"] if item.get("type") == "image")
+
+
+def render_prompt(processor: Any, messages: Sequence[dict[str, Any]]) -> str:
+    """The chat template applied with ``add_generation_prompt=True``: one vision block per image slot."""
+    return processor.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    """An RGB PIL image from a path or an image (alpha/greyscale converted, as the processor would)."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    path = os.fspath(image)
+    if not os.path.exists(path):
+        raise ValueError(f"image file not found: {path}")
+    with Image.open(path) as opened:
+        return opened.convert("RGB")
+
+
+def image_tokens_per_image(image_grid_thw: torch.Tensor, merge_size: int) -> list[int]:
+    """Merged vision tokens per image: ``t * h * w / merge_size**2`` for each row of ``image_grid_thw`` [n, 3]."""
+    return (image_grid_thw.prod(-1) // merge_size**2).tolist()
+
+
+def expand_image_tokens(input_ids: Sequence[int], image_token_id: int, counts: Sequence[int]) -> list[int]:
+    """Replace the i-th ``image_token_id`` by ``counts[i]`` copies of it."""
+    slots = sum(1 for token in input_ids if token == image_token_id)
+    if slots != len(counts):
+        raise ValueError(f"prompt has {slots} image slots but {len(counts)} images were given")
+    expanded: list[int] = []
+    remaining = iter(counts)
+    for token in input_ids:
+        expanded.extend([token] * next(remaining) if token == image_token_id else [token])
+    return expanded
+
+
+def image_token_id(processor: Any) -> int:
+    return processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+
+
+def encode_prompt(processor: Any, messages: Sequence[dict[str, Any]], images: Sequence[ImageInput]) -> EncodedPrompt:
+    """Tokenise the templated prompt, preprocess its images and expand each image slot to its token count."""
+    if count_images(messages) != len(images):
+        raise ValueError(f"messages have {count_images(messages)} image slots but {len(images)} images were given")
+    text = render_prompt(processor, messages)
+    ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not images:
+        return EncodedPrompt(ids, None, None, [])
+    pil_images = [load_image(image) for image in images]
+    image_processor = processor.image_processor
+    processed = image_processor(images=pil_images, return_tensors="pt")
+    grid = processed["image_grid_thw"]
+    counts = image_tokens_per_image(grid, image_processor.merge_size)
+    geometry = [ImageGeometry(original=(image.height, image.width),
+                              resized=(int(g[1]) * image_processor.patch_size, int(g[2]) * image_processor.patch_size))
+                for image, g in zip(pil_images, grid)]
+    return EncodedPrompt(expand_image_tokens(ids, image_token_id(processor), counts), processed["pixel_values"], grid,
+                         geometry)
+
+
+def mrope_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_grid_thw: torch.Tensor | None,
+                       image_token_id: int, spatial_merge_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen-VL's 3-D rotary positions (temporal, height, width) for text + images.
+
+    ``input_ids``/``attention_mask`` [batch, seq] (padding on either side), ``image_grid_thw`` [images, 3] for all
+    images of the batch in row order. Text tokens advance all three axes by 1. An image of ``t x h x w`` merged
+    patches starting at position ``p`` gets ``(p + i_t, p + i_h, p + i_w)`` and the text after it resumes at
+    ``p + max(h, w)``, so positions can run behind the token count. Padding gets 0.
+    Returns ``position_ids`` [3, batch, seq] and ``rope_deltas`` [batch] = (max position + 1) - (number of tokens),
+    the offset generation adds to later text positions.
+    """
+    batch, seq = input_ids.shape
+    position_ids = torch.zeros(3, batch, seq, dtype=torch.long)
+    deltas = torch.zeros(batch, dtype=torch.long)
+    grids = iter([] if image_grid_thw is None else image_grid_thw.tolist())
+    for row in range(batch):
+        valid = attention_mask[row].bool()
+        is_image = (input_ids[row][valid] == image_token_id).tolist()
+        pieces, position, start = [], 0, 0
+        while start < len(is_image):
+            if not is_image[start]:
+                end = start
+                while end < len(is_image) and not is_image[end]:
+                    end += 1
+                pieces.append(torch.arange(position, position + end - start).expand(3, -1))
+                position += end - start
+            else:
+                try:
+                    t, h, w = next(grids)
+                except StopIteration:
+                    raise ValueError(f"row {row}: more image tokens than images in image_grid_thw") from None
+                h, w = h // spatial_merge_size, w // spatial_merge_size
+                end = start + t * h * w
+                if end > len(is_image) or not all(is_image[start:end]):
+                    raise ValueError(f"row {row}: image at token {start} has fewer than {t * h * w} image tokens")
+                grid = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+                pieces.append(torch.stack(grid).reshape(3, -1) + position)
+                position += max(h, w)
+            start = end
+        if pieces:
+            positions = torch.cat(pieces, dim=1)
+            position_ids[:, row, valid] = positions
+            deltas[row] = positions.max() + 1 - len(is_image)
+    if next(grids, None) is not None:
+        raise ValueError("image_grid_thw has more images than the batch has image token runs")
+    return position_ids, deltas
+
+
+def _cat_or_none(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+    present = [t for t in tensors if t is not None]
+    return torch.cat(present) if present else None
+
+
+def _pad(rows: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, row in enumerate(rows):
+        columns = slice(width - len(row), width) if left else slice(0, len(row))
+        input_ids[index, columns] = torch.tensor(row, dtype=torch.long)
+        attention_mask[index, columns] = 1
+    return input_ids, attention_mask
+
+
+def collate_prompts(prompts: Sequence[EncodedPrompt], pad_id: int, image_token_id: int,
+                    spatial_merge_size: int) -> PromptBatch:
+    """Left-pad prompts into one generation batch with mrope positions."""
+    if not prompts:
+        raise ValueError("collate_prompts needs at least one prompt")
+    input_ids, attention_mask = _pad([p.input_ids for p in prompts], pad_id, left=True)
+    grid = _cat_or_none([p.image_grid_thw for p in prompts])
+    position_ids, deltas = mrope_position_ids(input_ids, attention_mask, grid, image_token_id, spatial_merge_size)
+    return PromptBatch(input_ids, attention_mask, position_ids, deltas, _cat_or_none([p.pixel_values for p in prompts]),
+                       grid)
+
+
+def build_training_batch(prompts: Sequence[EncodedPrompt], completions: Sequence[Sequence[int]], pad_id: int,
+                         image_token_id: int, spatial_merge_size: int) -> TrainingBatch:
+    """Right-padded ``prompt + completion`` rows (row i pairs ``prompts[i]`` with ``completions[i]``).
+
+    Repeat a prompt G times in ``prompts`` for its G completions; its images are then repeated too, which keeps every
+    row self-contained (a row can go to any micro-batch or data-parallel rank).
+    """
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    if not prompts:
+        raise ValueError("build_training_batch needs at least one row")
+    rows = [list(p.input_ids) + list(c) for p, c in zip(prompts, completions)]
+    input_ids, attention_mask = _pad(rows, pad_id, left=False)
+    completion_mask = torch.zeros_like(attention_mask)
+    for index, (prompt, completion) in enumerate(zip(prompts, completions)):
+        completion_mask[index, len(prompt.input_ids):len(prompt.input_ids) + len(completion)] = 1
+    grid = _cat_or_none([p.image_grid_thw for p in prompts])
+    position_ids, _ = mrope_position_ids(input_ids, attention_mask, grid, image_token_id, spatial_merge_size)
+    prompt_lengths = torch.tensor([len(p.input_ids) for p in prompts], dtype=torch.long)
+    return TrainingBatch(input_ids, attention_mask, position_ids, completion_mask, prompt_lengths,
+                         _cat_or_none([p.pixel_values for p in prompts]), grid)
