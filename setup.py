@@ -1,5 +1,40 @@
-"""megatron_vlmr1: R1-style GRPO for vision-language models on megatron-core."""
+"""megatron_vlmr1: R1-style GRPO for vision-language models on megatron-core.
+
+Builds the `megatron_vlmr1._C` extension from csrc/: the CPU kernels always, the CUDA kernels as well when a CUDA
+toolkit is found (CUDA_HOME with nvcc), even on a machine without a GPU. Needs torch at build time, so install with
+`--no-build-isolation` (see the Makefile). TORCH_CUDA_ARCH_LIST picks the GPU targets (default: 9.0).
+"""
+import os
+
 from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+CXX_FLAGS = ["-O3", "-fopenmp"]
+NVCC_FLAGS = ["-O3"]
+
+
+def extension_sources(with_cuda: bool) -> list:
+    names = ["bindings.cpp", "cpu_kernels.cpp"] + (["cuda_kernels.cu"] if with_cuda else [])
+    return [os.path.join("csrc", name) for name in names]
+
+
+def cuda_toolkit_present() -> bool:
+    home = cpp_extension.CUDA_HOME
+    return bool(home) and os.path.exists(os.path.join(home, "bin", "nvcc")) and os.environ.get("VLMR1_NO_CUDA") != "1"
+
+
+def build_extension():
+    with_cuda = cuda_toolkit_present()
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    if with_cuda:
+        return cpp_extension.CUDAExtension(
+            "megatron_vlmr1._C", extension_sources(True), include_dirs=[CSRC],
+            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}, extra_link_args=["-fopenmp"])
+    return cpp_extension.CppExtension(
+        "megatron_vlmr1._C", extension_sources(False), include_dirs=[CSRC],
+        extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=["-fopenmp"])
+
 
 setup(
     name="megatron_vlmr1",
@@ -15,5 +50,7 @@ setup(
         "gpu": ["vllm", "transformer-engine[pytorch]", "flash-attn"],
         "test": ["pytest", "pytest-timeout", "hypothesis"],
     },
+    ext_modules=[build_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
     entry_points={"console_scripts": ["megatron-vlmr1=megatron_vlmr1.__main__:main"]},
 )
