@@ -30,7 +30,7 @@ _MAX_JSON_ATTEMPTS = 8
 Box = tuple[float, float, float, float]
 
 # Four numbers in square brackets; no nested quantifiers, so matching is linear in the scanned text.
-_NUM = r"(-?\d{1,12}(?:\.\d{1,12})?)"
+_NUM = r"(-?[0-9]{1,12}(?:\.[0-9]{1,12})?)"
 _BOX_RE = re.compile(r"\[\s*" + r"\s*,\s*".join([_NUM] * 4) + r"\s*\]")
 _DECODER = json.JSONDecoder()
 
