@@ -8,9 +8,10 @@ TORCH_LIBRARY(vlmr1, m) {
   // see softmax_stats.h; target_logit is 0 when the target lives on another shard or is ignore_index.
   m.def("logprob_stats(Tensor logits, Tensor targets, int vocab_start, float inv_temp, int ignore_index) -> Tensor");
   // Writes d(loss)/d(logits) for loss = sum(grad_logprob * logprob + grad_entropy * entropy) into grad_logits,
-  // which may be `logits` itself (in-place backward).
+  // which may be `logits` itself (in-place backward). row_max and log_sum: the global max and log(sum-exp) of
+  // each row (lse = row_max + log_sum, kept apart so that logp = (x - row_max) - log_sum stays exact for |x| ~ 1e4).
   m.def(
-      "logprob_grad(Tensor logits, Tensor targets, Tensor lse, Tensor entropy, Tensor grad_logprob, "
+      "logprob_grad(Tensor logits, Tensor targets, Tensor row_max, Tensor log_sum, Tensor entropy, Tensor grad_logprob, "
       "Tensor? grad_entropy, int vocab_start, float inv_temp, int ignore_index, Tensor(a!) grad_logits) -> ()");
   // GRPO group advantage over contiguous groups of `group_size` rewards.
   m.def("group_advantage(Tensor rewards, int group_size, bool scale_std, float eps) -> Tensor");

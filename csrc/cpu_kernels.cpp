@@ -75,13 +75,14 @@ VLMR1_CLONES SoftmaxStats chunk_stats(const float* buf, int64_t n) {
 }
 
 // In place on buf (x_j = logit_j * inv_temp) for every column j of the chunk, the target column excluded:
-//   grad_j = -g_lp * p_j - g_ent * p_j * (logp_j + H),  logp_j = x_j - lse,  p_j = exp(logp_j).
+//   grad_j = -g_lp * p_j - g_ent * p_j * (logp_j + H),  logp_j = (x_j - max) - log_sum,  p_j = exp(logp_j).
 // g_lp and g_ent already carry the 1 / temperature of the chain rule. The entropy term follows from
 // H = lse - sum_j p_j x_j, so dH/dx_j = -p_j (logp_j + H); it is skipped where p_j == 0 (-inf columns).
-VLMR1_CLONES void chunk_grad(float* buf, int64_t n, float lse, float entropy, float g_lp, float g_ent) {
+VLMR1_CLONES void chunk_grad(float* buf, int64_t n, float row_max, float log_sum, float entropy, float g_lp,
+                             float g_ent) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    const float logp = buf[j] - lse;
+    const float logp = (buf[j] - row_max) - log_sum;
     const float p = exp_nonpositive(logp);
     buf[j] = -g_lp * p - (p > 0.f ? g_ent * p * (logp + entropy) : 0.f);
   }
@@ -120,7 +121,8 @@ void stats_rows(const scalar_t* logits, const int64_t* targets, float* out, int6
 // The target column adds g_lp (the one-hot term) on top of chunk_grad's value. Each chunk is read into buf
 // before it is written, so grad may alias logits (in-place backward).
 template <typename scalar_t>
-void grad_rows(const scalar_t* logits, const int64_t* targets, const float* lse, const float* entropy,
+void grad_rows(const scalar_t* logits, const int64_t* targets, const float* row_max, const float* log_sum,
+               const float* entropy,
                const float* grad_logprob, const float* grad_entropy, scalar_t* grad, int64_t rows, int64_t vocab,
                int64_t vocab_start, float inv_temp, int64_t ignore_index) {
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
@@ -138,7 +140,7 @@ void grad_rows(const scalar_t* logits, const int64_t* targets, const float* lse,
       for (int64_t start = 0; start < vocab; start += kChunk) {
         const int64_t n = std::min(kChunk, vocab - start);
         load_chunk(x + start, n, inv_temp, buf);
-        chunk_grad(buf, n, lse[row], entropy[row], g_lp, g_ent);
+        chunk_grad(buf, n, row_max[row], log_sum[row], entropy[row], g_lp, g_ent);
         if (local >= start && local < start + n) buf[local - start] += g_lp;
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) g[start + j] = scalar_t(buf[j]);
@@ -171,13 +173,14 @@ at::Tensor logprob_stats_cpu(const at::Tensor& logits, const at::Tensor& targets
   return out;
 }
 
-void logprob_grad_cpu(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
-                      const at::Tensor& entropy, const at::Tensor& grad_logprob,
+void logprob_grad_cpu(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& row_max,
+                      const at::Tensor& log_sum, const at::Tensor& entropy, const at::Tensor& grad_logprob,
                       const std::optional<at::Tensor>& grad_entropy, int64_t vocab_start, double inv_temp,
                       int64_t ignore_index, at::Tensor& grad_logits) {
   check_logits_targets(logits, targets);
   const int64_t rows = logits.size(0);
-  check_row_vector(lse, rows, "lse");
+  check_row_vector(row_max, rows, "row_max");
+  check_row_vector(log_sum, rows, "log_sum");
   check_row_vector(entropy, rows, "entropy");
   check_row_vector(grad_logprob, rows, "grad_logprob");
   if (grad_entropy.has_value()) check_row_vector(*grad_entropy, rows, "grad_entropy");
@@ -186,7 +189,8 @@ void logprob_grad_cpu(const at::Tensor& logits, const at::Tensor& targets, const
               "vlmr1: grad_logits must be contiguous with the shape and dtype of logits");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "logprob_grad_cpu", [&] {
     grad_rows<scalar_t>(logits.const_data_ptr<scalar_t>(), targets.const_data_ptr<int64_t>(),
-                        lse.const_data_ptr<float>(), entropy.const_data_ptr<float>(),
+                        row_max.const_data_ptr<float>(), log_sum.const_data_ptr<float>(),
+                        entropy.const_data_ptr<float>(),
                         grad_logprob.const_data_ptr<float>(),
                         grad_entropy.has_value() ? grad_entropy->const_data_ptr<float>() : nullptr,
                         grad_logits.mutable_data_ptr<scalar_t>(), rows, logits.size(1), vocab_start,

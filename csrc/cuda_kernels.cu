@@ -83,7 +83,8 @@ __global__ void stats_kernel(const scalar_t* __restrict__ logits, const int64_t*
 // Same formula as the CPU kernel: grad_j = inv_temp * (g_lp * (onehot_j - p_j) - g_ent * p_j * (logp_j + H)).
 template <typename scalar_t>
 __global__ void grad_kernel(const scalar_t* logits, const int64_t* __restrict__ targets,
-                            const float* __restrict__ lse, const float* __restrict__ entropy,
+                            const float* __restrict__ row_max, const float* __restrict__ log_sum,
+                            const float* __restrict__ entropy,
                             const float* __restrict__ grad_logprob, const float* __restrict__ grad_entropy,
                             scalar_t* grad, int64_t vocab, int64_t vocab_start, float inv_temp,
                             int64_t ignore_index) {
@@ -92,7 +93,8 @@ __global__ void grad_kernel(const scalar_t* logits, const int64_t* __restrict__ 
   scalar_t* g = grad + row * vocab;
   const bool ignored = targets[row] == ignore_index;
   const int64_t local = targets[row] - vocab_start;
-  const float row_lse = lse[row];
+  const float m = row_max[row];
+  const float ls = log_sum[row];
   const float h = entropy[row];
   const float g_lp = grad_logprob[row] * inv_temp;
   const float g_ent = grad_entropy == nullptr ? 0.f : grad_entropy[row] * inv_temp;
@@ -100,7 +102,7 @@ __global__ void grad_kernel(const scalar_t* logits, const int64_t* __restrict__ 
   for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
     float value = 0.f;
     if (!ignored) {
-      const float logp = static_cast<float>(x[j]) * inv_temp - row_lse;
+      const float logp = (static_cast<float>(x[j]) * inv_temp - m) - ls;
       const float p = expf(logp);
       const float ent_term = p > 0.f ? g_ent * p * (logp + h) : 0.f;
       value = (j == local ? g_lp * (1.f - p) : -g_lp * p) - ent_term;
@@ -158,12 +160,13 @@ at::Tensor logprob_stats_cuda(const at::Tensor& logits, const at::Tensor& target
   return out;
 }
 
-void logprob_grad_cuda(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
-                       const at::Tensor& entropy, const at::Tensor& grad_logprob,
+void logprob_grad_cuda(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& row_max,
+                       const at::Tensor& log_sum, const at::Tensor& entropy, const at::Tensor& grad_logprob,
                        const std::optional<at::Tensor>& grad_entropy, int64_t vocab_start, double inv_temp,
                        int64_t ignore_index, at::Tensor& grad_logits) {
   check_inputs(logits, targets);
-  check_row_vector(lse, logits, "lse");
+  check_row_vector(row_max, logits, "row_max");
+  check_row_vector(log_sum, logits, "log_sum");
   check_row_vector(entropy, logits, "entropy");
   check_row_vector(grad_logprob, logits, "grad_logprob");
   if (grad_entropy.has_value()) check_row_vector(*grad_entropy, logits, "grad_entropy");
@@ -175,8 +178,8 @@ void logprob_grad_cuda(const at::Tensor& logits, const at::Tensor& targets, cons
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "logprob_grad_cuda", [&] {
     grad_kernel<scalar_t><<<logits.size(0), kThreads, 0, stream>>>(
-        logits.const_data_ptr<scalar_t>(), targets.const_data_ptr<int64_t>(), lse.const_data_ptr<float>(),
-        entropy.const_data_ptr<float>(), grad_logprob.const_data_ptr<float>(),
+        logits.const_data_ptr<scalar_t>(), targets.const_data_ptr<int64_t>(), row_max.const_data_ptr<float>(),
+        log_sum.const_data_ptr<float>(), entropy.const_data_ptr<float>(), grad_logprob.const_data_ptr<float>(),
         grad_entropy.has_value() ? grad_entropy->const_data_ptr<float>() : nullptr,
         grad_logits.mutable_data_ptr<scalar_t>(), logits.size(1), vocab_start, static_cast<float>(inv_temp),
         ignore_index);

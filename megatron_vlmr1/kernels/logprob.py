@@ -58,15 +58,16 @@ class _FusedLogProb(torch.autograd.Function):
         flat_targets = targets.reshape(-1).long().contiguous()
         row_max, sum_exp, dot, target_x = _combine(
             _stats(rows, flat_targets, rank * vocab_shard, inv_temp, ignore_index), tp_group)
+        row_max = row_max.contiguous()
+        # lse = row_max + log_sum is never formed: at |x| ~ 1e4 its fp32 rounding (~1e-3) would swamp log-probs.
         log_sum = sum_exp.log()
-        lse = row_max + log_sum
         # entropy = lse - sum p x = log(sum_exp) - sum exp(x - max) (x - max) / sum_exp
         entropy = log_sum - dot / sum_exp
         valid = flat_targets != ignore_index
-        zero = torch.zeros_like(lse)
-        logprob = torch.where(valid, target_x - lse, zero)
+        zero = torch.zeros_like(log_sum)
+        logprob = torch.where(valid, (target_x - row_max) - log_sum, zero)
         entropy = torch.where(valid, entropy, zero)
-        ctx.save_for_backward(rows, flat_targets, lse, entropy)
+        ctx.save_for_backward(rows, flat_targets, row_max, log_sum, entropy)
         ctx.vocab_start = rank * vocab_shard
         ctx.inv_temp = inv_temp
         ctx.ignore_index = ignore_index
@@ -76,13 +77,13 @@ class _FusedLogProb(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logprob, grad_entropy):
-        rows, targets, lse, entropy = ctx.saved_tensors
+        rows, targets, row_max, log_sum, entropy = ctx.saved_tensors
         if grad_logprob is None:
-            grad_logprob = torch.zeros_like(lse)
+            grad_logprob = torch.zeros_like(log_sum)
         grad_logprob = grad_logprob.reshape(-1).float().contiguous()
         if grad_entropy is not None:
             grad_entropy = grad_entropy.reshape(-1).float().contiguous()
-        args = (rows, targets, lse, entropy, grad_logprob, grad_entropy, ctx.vocab_start, ctx.inv_temp,
+        args = (rows, targets, row_max, log_sum, entropy, grad_logprob, grad_entropy, ctx.vocab_start, ctx.inv_temp,
                 ctx.ignore_index)
         grad = rows if ctx.inplace_backward else torch.empty_like(rows)
         if use_csrc(rows.device):

@@ -63,14 +63,16 @@ def logprob_stats_torch(logits: torch.Tensor, targets: torch.Tensor, vocab_start
     return torch.stack([row_max, e.sum(-1), dot, target_x], dim=-1)
 
 
-def logprob_grad_torch(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
+def logprob_grad_torch(logits: torch.Tensor, targets: torch.Tensor, row_max: torch.Tensor, log_sum: torch.Tensor,
+                       entropy: torch.Tensor,
                        grad_logprob: torch.Tensor, grad_entropy: torch.Tensor | None, vocab_start: int,
                        inv_temp: float, ignore_index: int) -> torch.Tensor:
     """Torch twin of `vlmr1::logprob_grad`; returns the gradient `[N, V_shard]` in the logits' dtype.
 
-    grad_j = inv_temp * (g_lp * (onehot_j - p_j) - g_ent * p_j * (logp_j + H)), zero on ignored rows.
+    grad_j = inv_temp * (g_lp * (onehot_j - p_j) - g_ent * p_j * (logp_j + H)), zero on ignored rows, with
+    logp_j = (x_j - row_max) - log_sum.
     """
-    logp = logits.float() * inv_temp - lse.unsqueeze(-1)
+    logp = (logits.float() * inv_temp - row_max.unsqueeze(-1)) - log_sum.unsqueeze(-1)
     p = logp.exp()
     grad = -grad_logprob.unsqueeze(-1) * p
     if grad_entropy is not None:
