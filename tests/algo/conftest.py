@@ -18,11 +18,10 @@ def reference_group_advantage(
     return centred.view(-1)
 
 
-@pytest.fixture
-def group_advantage_kernel(monkeypatch: pytest.MonkeyPatch) -> str:
-    """Make sure ``kernels.group_advantage`` exists: the kernels package's own op once it lands, until then the
-    reference above. Returns which one the test ran against."""
-    if hasattr(kernels, "group_advantage"):
-        return "kernels"
-    monkeypatch.setattr(kernels, "group_advantage", reference_group_advantage, raising=False)
-    return "test-reference"
+@pytest.fixture(params=["kernel", "plain-torch"])
+def group_advantage_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run an advantage test twice: on ``kernels.group_advantage`` as installed (csrc when built), and with it
+    replaced by the plain torch formula above (what the kernels' torch fallback computes)."""
+    if request.param == "plain-torch":
+        monkeypatch.setattr(kernels, "group_advantage", reference_group_advantage)
+    return request.param
