@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megatron_vlmr1.data.iterator import BatchIterator
 from megatron_vlmr1.data.schema import IMAGE_TOKEN, Row, read_jsonl
 from megatron_vlmr1.data.templates import format_question, question_template
 
@@ -166,3 +167,9 @@ def load_samples(cfg: DataConfig) -> list[Sample]:
     if not samples:
         raise ValueError(f"no samples in {cfg.files}")
     return samples[:cfg.max_samples] if cfg.max_samples is not None else samples
+
+
+def prompt_iterator(cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1) -> BatchIterator[Sample]:
+    """Load ``cfg``'s samples and batch them for one data-parallel rank (``batch_size`` prompts per rank per step)."""
+    return BatchIterator(load_samples(cfg), batch_size, seed=cfg.seed, shuffle=cfg.shuffle, rank=rank,
+                         world_size=world_size)

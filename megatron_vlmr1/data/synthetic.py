@@ -24,6 +24,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageDraw
 
+Combo = tuple[str, str]  # (colour, shape)
+
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "green": (30, 160, 60),
@@ -33,8 +35,8 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 130, 20),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross")
-# A Latin-square-like diagonal: each colour and each shape keeps other pairings in training.
-HELD_OUT: frozenset[tuple[str, str]] = frozenset({
+# Pairings asked about only in test_ood; every colour and every shape still occurs in training in other pairings.
+HELD_OUT: frozenset[Combo] = frozenset({
     ("red", "triangle"), ("green", "circle"), ("blue", "square"),
     ("yellow", "cross"), ("purple", "diamond"), ("orange", "circle"),
 })
@@ -58,7 +60,6 @@ OVD_QUESTION = (
 )
 
 Difficulty = Literal["normal", "easy"]
-
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ class Scene:
     noise_seed: int
 
 
-def split_combos(difficulty: Difficulty) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+def split_combos(difficulty: Difficulty) -> tuple[list[Combo], list[Combo]]:
     """(in-domain, held-out) colour x shape combinations of a difficulty; both are non-empty."""
     colors, shapes = (EASY_COLORS, EASY_SHAPES) if difficulty == "easy" else (tuple(COLORS), SHAPES)
     every = [(c, s) for c in colors for s in shapes]
@@ -145,7 +146,7 @@ def _place(rng: random.Random, width: int, height: int, sizes: list[int]) -> lis
     return squares
 
 
-def make_scene(rng: random.Random, combos: list[tuple[str, str]], difficulty: Difficulty) -> Scene | None:
+def make_scene(rng: random.Random, combos: list[Combo], difficulty: Difficulty) -> Scene | None:
     """One object per entry of ``combos`` on a random canvas; None when they do not fit (the caller redraws)."""
     if difficulty == "easy":
         # Few positions: each shape fills one quadrant of a 112 px canvas, so an image has at most 4 distinct boxes.
@@ -190,12 +191,12 @@ def relation_holds(a: tuple[int, int, int, int], relation: str, b: tuple[int, in
     raise ValueError(f"unknown relation {relation!r}; known: {list(RELATIONS)}")
 
 
-def _others(rng: random.Random, pool: list[tuple[str, str]], exclude: set[tuple[str, str]], k: int):
+def _others(rng: random.Random, pool: list[Combo], exclude: set[Combo], k: int) -> list[Combo]:
     choices = [cs for cs in pool if cs not in exclude]
     return [rng.choice(choices) for _ in range(k)]
 
 
-def _rec_relational(rng: random.Random, target: tuple[str, str], pool: list[tuple[str, str]]):
+def _rec_relational(rng: random.Random, target: Combo, pool: list[Combo]) -> tuple[Scene, int, str] | None:
     """A scene with two objects like the target, referred to through a relation to a unique anchor."""
     anchor = rng.choice([cs for cs in pool if cs != target])
     extra = _others(rng, pool, {target, anchor}, rng.randrange(0, 2))
@@ -213,7 +214,7 @@ def _rec_relational(rng: random.Random, target: tuple[str, str], pool: list[tupl
     return None
 
 
-def _rec_image(rng: random.Random, target: tuple[str, str], pool: list[tuple[str, str]],
+def _rec_image(rng: random.Random, target: Combo, pool: list[Combo],
                difficulty: Difficulty) -> tuple[Scene, int, str]:
     """The referred image: (scene, index of the target object, referring expression)."""
     while True:
@@ -228,7 +229,7 @@ def _rec_image(rng: random.Random, target: tuple[str, str], pool: list[tuple[str
             return scene, 0, f"the {' '.join(target)}"
 
 
-def _filler_image(rng: random.Random, pool: list[tuple[str, str]], difficulty: Difficulty) -> Scene:
+def _filler_image(rng: random.Random, pool: list[Combo], difficulty: Difficulty) -> Scene:
     """An image that is not asked about (multi-image samples)."""
     while True:
         k = rng.randrange(1, 3) if difficulty == "easy" else rng.randrange(1, 4)
@@ -237,7 +238,7 @@ def _filler_image(rng: random.Random, pool: list[tuple[str, str]], difficulty: D
             return scene
 
 
-def _ovd_image(rng: random.Random, queryable: list[tuple[str, str]], pool: list[tuple[str, str]],
+def _ovd_image(rng: random.Random, queryable: list[Combo], pool: list[Combo],
                difficulty: Difficulty) -> tuple[Scene, list[str]]:
     """The asked-about image and its label query: labels of present objects (all instances), maybe absent ones."""
     while True:
@@ -251,7 +252,7 @@ def _ovd_image(rng: random.Random, queryable: list[tuple[str, str]], pool: list[
     present = sorted({(o.color, o.shape) for o in scene.objects} & set(queryable))
     absent = sorted(set(queryable) - set(present))
     if absent and rng.random() < 0.1:
-        queried: list[tuple[str, str]] = []
+        queried: list[Combo] = []
     else:
         queried = rng.sample(present, rng.randrange(1, min(3, len(present)) + 1))
     if absent and (not queried or rng.random() < 0.3):
@@ -282,7 +283,7 @@ def _write_images(scenes: list[Scene], out_dir: Path, rel_stem: str) -> list[str
     return paths
 
 
-def _split_pools(split: str, difficulty: Difficulty) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+def _split_pools(split: str, difficulty: Difficulty) -> tuple[list[Combo], list[Combo]]:
     """(combinations that may be asked about, combinations that may appear at all) for a split."""
     inside, held = split_combos(difficulty)
     if split == "test_ood":

@@ -5,7 +5,8 @@ VLM-R1's wording matters: a policy trained there and evaluated here, or the othe
 """
 from __future__ import annotations
 
-_THINK = "First output the thinking process in <think> </think> tags and then output the final answer in <answer> </answer> tags."
+_THINK = ("First output the thinking process in <think> </think> tags and then output the final answer in "
+          "<answer> </answer> tags.")
 _OD_SYSTEM = (
     "First thinks about the reasoning process in the mind and then provides the user with the answer. The reasoning "
     "process and answer are enclosed within <think> </think> and <answer> </answer> tags, respectively, i.e., "

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from megatron_vlmr1.config import load_config
-from megatron_vlmr1.data import DataConfig, collate_reward_fields, load_image, load_samples, question_template
+from megatron_vlmr1.data import (DataConfig, collate_reward_fields, epoch_order, load_image, load_samples,
+                                 prompt_iterator, question_template)
 from megatron_vlmr1.data.templates import format_question
 
 THINK = ("First output the thinking process in <think> </think> tags and then output the final answer in "
@@ -94,6 +95,16 @@ def test_yaml_and_dotted_overrides(two_sources, tmp_path):
 def test_config_validation_names_the_key(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("{", r"\{").replace("}", r"\}")):
         DataConfig(**kwargs)
+
+
+def test_prompt_iterator_uses_the_config_seed_and_shuffle(two_sources):
+    f1, f2, d1, d2 = two_sources
+    cfg = DataConfig(files=[f1, f2], image_folders=[d1, d2], seed=5)
+    samples = load_samples(cfg)
+    rank1 = prompt_iterator(cfg, batch_size=1, rank=1, world_size=2)
+    assert next(rank1) == [samples[int(epoch_order(3, 0, 5)[1])]]
+    ordered = prompt_iterator(DataConfig(files=[f1, f2], image_folders=[d1, d2], shuffle=False), batch_size=3)
+    assert [s.id for s in next(ordered)] == ["1", "2", "3"]
 
 
 def test_no_files_is_an_error():
