@@ -48,13 +48,15 @@ def build_jit(with_cuda: bool | None = None, verbose: bool = False) -> None:
 
 
 def ops_registered() -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key("vlmr1::logprob_stats", "CPU")
+    """Whether the vlmr1 op schemas exist (the extension, or its JIT build, is loaded)."""
+    return hasattr(torch.ops.vlmr1, "logprob_stats")
 
 
 def has_kernel(device_type: str) -> bool:
     """Whether the csrc extension has a kernel for this device type ("cpu" or "cuda")."""
     key = _DISPATCH_KEYS.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("vlmr1::logprob_stats", key)
+    return (key is not None and ops_registered()
+            and torch._C._dispatch_has_kernel_for_dispatch_key("vlmr1::logprob_stats", key))
 
 
 def backend(device: str | torch.device | None = None) -> str:
