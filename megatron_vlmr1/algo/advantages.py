@@ -43,7 +43,9 @@ def grpo_advantages(rewards: torch.Tensor, config: AlgoConfig) -> torch.Tensor:
     """
     check_groups(rewards, config.group_size)
     rewards = rewards.float()
-    advantages = kernels.group_advantage(rewards, config.group_size, scale=config.advantage_scale, eps=config.advantage_eps)
+    advantages = kernels.group_advantage(
+        rewards, config.group_size, scale=config.advantage_scale, eps=config.advantage_eps
+    )
     grouped = rewards.view(-1, config.group_size)
     constant = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)
     return advantages.view(-1, config.group_size).masked_fill(constant, 0.0).view(-1)

@@ -11,6 +11,10 @@ holds exactly when each micro-batch divides by the *full batch's* count. Pass th
 which is additive). Dividing each micro-batch by its own count instead would weight a sequence by the size of
 the micro-batch it landed in.
 
+If the framework rescales losses itself, undo that in the normaliser: megatron's schedule divides a 2-tuple
+``loss_func`` result by ``num_microbatches`` and its DDP averages gradients over the data-parallel ranks, so
+there pass ``normalizer = global_count / (num_microbatches * dp_size)`` (global_count all-reduced with SUM).
+
 Registered modes, signature ``(values [B, T], mask [B, T], config) -> (total [], count [])`` (count must depend on
 the mask only). With L_i the number of response tokens of sequence i and S the number of non-empty sequences:
 
@@ -101,5 +105,6 @@ def aggregate(
     """
     total, count = LOSS_AGGREGATIONS.get(config.loss_agg)(values, mask, config)
     denominator = count if normalizer is None else torch.as_tensor(normalizer, dtype=total.dtype, device=total.device)
-    # Counts are whole numbers, so the clamp only changes an empty batch (0 / 0 -> 0 / 1 = 0).
-    return total / denominator.clamp(min=1)
+    # A zero count means nothing was counted (total is 0 too): return 0 rather than 0 / 0. The normaliser may be
+    # fractional (see the module docstring), so it is not clamped to 1.
+    return total / torch.where(denominator > 0, denominator, torch.ones_like(denominator))

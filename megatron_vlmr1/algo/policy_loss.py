@@ -126,7 +126,11 @@ def grpo_loss(
     is the same number because aggregation is linear). Deviation from the paper: DeepSeekMath normalises by the
     sequence length only (seq-mean-token-mean); the other aggregations are selected by ``config.loss_agg``.
 
-    All tensors [B, T]; returns the scalar loss [] and detached metrics.
+    All tensors [B, T]; returns the scalar loss [] and detached metrics over this call's response tokens:
+    pg_loss and kl (the two terms, aggregated like the loss; kl is 0.0 when beta = 0), approx_kl (k3 estimate of
+    KL(pi_old || pi_theta), 0 on the first update of a batch), ratio_mean / ratio_max, clip_frac_lower /
+    clip_frac_upper / clip_frac (fraction of tokens whose gradient the ratio clip removed), dual_clip_frac, and
+    with TIS tis_weight_mean / tis_truncated_frac.
     """
     _check_shapes(logprobs=logprobs, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, advantages=advantages,
                   mask=mask, rollout_logprobs=rollout_logprobs)
@@ -148,12 +152,11 @@ def grpo_loss(
 
     keep = mask.bool()
     ratio = surrogate.ratio.detach()
-    log_ratio = (logprobs - old_logprobs).detach()
     metrics.update(
         pg_loss=aggregate(pg.detach(), mask, config),
         kl=aggregate(kl.detach(), mask, config) if kl is not None else 0.0,
-        # k3 estimate of KL(pi_old || pi_theta) from pi_old's samples: exp(d) - d - 1 with d = log(pi_theta/pi_old).
-        approx_kl=masked_token_mean(torch.expm1(log_ratio.clamp(max=LOG_RATIO_CLAMP)) - log_ratio, mask),
+        # pi_old sampled the tokens, so k3 with r = pi_theta / pi_old estimates KL(pi_old || pi_theta).
+        approx_kl=masked_token_mean(ratio - 1 - ratio.log(), mask),
         ratio_mean=masked_token_mean(ratio, mask),
         ratio_max=torch.where(keep, ratio, 0.0).max(),  # ratios are > 0, so padding's 0 never wins
         clip_frac_lower=masked_token_mean(surrogate.clipped_lower.float(), mask),

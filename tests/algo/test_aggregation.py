@@ -38,8 +38,19 @@ def test_hand_values(mode, expected, count):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_empty_mask_gives_zero(mode):
-    out = aggregate(torch.ones(2, 3), torch.zeros(2, 3), config(mode))
-    assert float(out) == 0.0
+    values = torch.ones(2, 3, requires_grad=True)
+    out = aggregate(values, torch.zeros(2, 3), config(mode))
+    assert out.item() == 0.0
+    out.backward()
+    assert torch.equal(values.grad, torch.zeros(2, 3))
+    assert aggregate(values, torch.zeros(2, 3), config(mode), normalizer=0.0).item() == 0.0
+
+
+def test_explicit_normalizer_is_used_as_given():
+    # seq-mean-token-mean total is 2 + 4.5 = 6.5; a fractional normaliser (e.g. 2 / (num_microbatches * dp_size)
+    # with 4 micro-batches) must not be rounded or clamped: 6.5 / 0.5 = 13.
+    assert aggregate(VALUES, MASK, config("seq-mean-token-mean"), normalizer=0.5).item() == pytest.approx(13.0)
+    assert aggregate(VALUES, MASK, config("token-mean"), normalizer=torch.tensor(3.0)).item() == pytest.approx(5.0)
 
 
 def test_sum_norm_constant_does_not_depend_on_padding_width():
