@@ -93,7 +93,7 @@ _WORDS = (
 ).split()
 
 
-def tokenizer_corpus(seed: int, num_lines: int = 3000) -> list[str]:
+def tokenizer_corpus(seed: int = 0, num_lines: int = 3000) -> list[str]:
     """Synthetic text close to what tiny GRPO runs produce: R1 tags, box JSON, colour/shape/position words."""
     rng = random.Random(seed)
     lines = []
@@ -112,8 +112,12 @@ def tokenizer_corpus(seed: int, num_lines: int = 3000) -> list[str]:
     return lines
 
 
-def train_tokenizer(vocab_size: int, seed: int) -> Tokenizer:
-    """Byte-level BPE with Qwen2's normalizer, pre-tokenizer and decoder, special tokens at ids 0..13."""
+def train_tokenizer(vocab_size: int) -> Tokenizer:
+    """Byte-level BPE with Qwen2's normalizer, pre-tokenizer and decoder, special tokens at ids 0..13.
+
+    The corpus is fixed, so every tiny model shares one tokenizer whatever its weight seed: weights of one tiny
+    model can be streamed into another of the same sizes.
+    """
     tokenizer = Tokenizer(BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
                               fuse_unk=False, byte_fallback=False))
     tokenizer.normalizer = normalizers.NFC()
@@ -124,7 +128,7 @@ def train_tokenizer(vocab_size: int, seed: int) -> Tokenizer:
     tokenizer.decoder = decoders.ByteLevel()
     trainer = BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(tokenizer_corpus(seed), trainer=trainer)
+    tokenizer.train_from_iterator(tokenizer_corpus(), trainer=trainer)
     return tokenizer
 
 
@@ -197,7 +201,8 @@ def make_tiny_model(arch: str, out_dir: str | Path, seed: int = 0, *, num_layers
                     vision_heads: int = 2, tokenizer_vocab_size: int = 1536) -> Path:
     """Write a tiny HF checkpoint (config, safetensors, tokenizer, processor) for ``arch`` into ``out_dir``.
 
-    The same arguments always produce the same files (weights from ``torch.manual_seed(seed)``, deterministic BPE).
+    The same arguments always produce the same files (weights from ``torch.manual_seed(seed)``; the BPE tokenizer
+    is trained on a fixed corpus, so it is the same for every seed).
     The model vocabulary is the tokenizer's rounded up to a multiple of 128, as real Qwen pads its embedding.
     Returns ``out_dir`` as a Path.
     """
@@ -207,7 +212,7 @@ def make_tiny_model(arch: str, out_dir: str | Path, seed: int = 0, *, num_layers
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(tokenizer_vocab_size, seed)
+    tokenizer = train_tokenizer(tokenizer_vocab_size)
     token_ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
     config = _model_config(arch, _round_up(tokenizer.get_vocab_size(), 128), token_ids, num_layers, tie_embeddings,
                            hidden_size, num_heads, num_kv_heads, intermediate_size, vision_depth,

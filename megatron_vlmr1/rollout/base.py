@@ -1,0 +1,120 @@
+"""The rollout-engine interface shared by the transformers and vLLM engines.
+
+An engine turns prompts (chat messages + images) into G sampled completions each, and takes new weights in place
+between GRPO steps. Both engines encode prompts with ``vlm.qwen_vl.processor.encode_prompt``, so the prompt ids
+they return are exactly what the trainer scores.
+
+Definitions every engine follows (the trainer depends on them):
+
+* ``completion_ids`` are the sampled tokens, *including* the token that ended generation (an EOS token, or the
+  token whose text completed a stop string), so the policy also learns when to stop.
+* ``text`` is ``tokenizer.decode(completion_ids, skip_special_tokens=True)``: the stop string is kept (a reward
+  for ``</answer>`` must see it) and the EOS token is not.
+* ``logprobs[i]`` is ``log_softmax(raw_logits)[completion_ids[i]]``: the log-probability of the sampled token under
+  the model's unmodified distribution (temperature 1, no top-k / top-p truncation), at the position that produced
+  it. This is what the trainer recomputes as the "old" policy log-prob, so the two can be compared directly; it is
+  *not* the log-probability under the tempered/truncated distribution the token was drawn from.
+* ``finish_reason`` is ``"stop"`` (EOS or stop string) or ``"length"`` (``max_new_tokens`` or the engine's
+  ``max_model_len`` reached).
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Iterable, Literal, Sequence
+
+import torch
+
+from megatron_vlmr1.vlm.qwen_vl.processor import ImageGeometry, ImageInput, build_messages
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclasses.dataclass
+class SamplingConfig:
+    """How to sample: ``n`` completions per prompt (the GRPO group size G).
+
+    ``temperature`` 0 means greedy. ``top_k`` -1 and ``top_p`` 1.0 disable truncation. ``seed`` None draws a fresh
+    seed each call; an int makes ``generate`` deterministic for the same requests and weights.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 256
+    stop: list[str] = dataclasses.field(default_factory=list)
+    seed: int | None = 0
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"sampling.n must be >= 1, got {self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"sampling.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k != -1 and self.top_k < 1:
+            raise ValueError(f"sampling.top_k must be -1 (disabled) or >= 1, got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"sampling.stop must be a list of non-empty strings, got {self.stop!r}")
+        if self.seed is not None and self.seed < 0:
+            raise ValueError(f"sampling.seed must be >= 0 or null, got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclasses.dataclass
+class RolloutRequest:
+    """One prompt: chat messages with one ``{"type": "image"}`` slot per entry of ``images`` (paths or PIL images)."""
+
+    messages: list[dict[str, Any]]
+    images: list[ImageInput] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def from_prompt(cls, prompt: str, images: Sequence[ImageInput] = (),
+                    system_prompt: str | None = None) -> "RolloutRequest":
+        """From VLM-R1 style text where each ``<image>`` marks an image (images first if there is no marker)."""
+        return cls(build_messages(prompt, len(images), system_prompt), list(images))
+
+
+@dataclasses.dataclass
+class Completion:
+    """One sampled completion; see the module docstring for the exact definitions."""
+
+    completion_ids: list[int]
+    text: str
+    logprobs: list[float]
+    finish_reason: FinishReason
+
+
+@dataclasses.dataclass
+class RolloutResult:
+    """The ``n`` completions of one request, with the prompt ids they continue and the images' geometry."""
+
+    prompt_ids: list[int]
+    completions: list[Completion]
+    images: list[ImageGeometry]
+
+
+class RolloutEngine(abc.ABC):
+    """Generates G completions per prompt; receives the trainer's weights in place between steps."""
+
+    max_model_len: int
+
+    @abc.abstractmethod
+    def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig) -> list[RolloutResult]:
+        """One result per request, in order, each with ``sampling.n`` completions."""
+
+    @abc.abstractmethod
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy ``(hf_name, tensor)`` pairs (checkpoint names, full unsharded tensors) into the engine's model."""
+
+    def check_prompt_length(self, index: int, num_tokens: int) -> None:
+        """A prompt must leave room for at least one generated token."""
+        if num_tokens >= self.max_model_len:
+            raise ValueError(f"request {index}: prompt has {num_tokens} tokens (images expanded), the engine's "
+                             f"max_model_len is {self.max_model_len}; shorten it or raise rollout.max_model_len")

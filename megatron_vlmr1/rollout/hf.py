@@ -1,0 +1,171 @@
+"""Rollout engine on a transformers model: the reference engine, and the one CPU tests and tiny runs use.
+
+Sampling is an explicit loop over the KV cache rather than ``model.generate`` so that every rule in ``base`` is
+visible in one place: which log-prob is recorded (raw logits, before temperature / top-k / top-p), when a row stops,
+and which random generator draws the tokens (one ``torch.Generator`` seeded from ``SamplingConfig.seed``, consumed
+row-major over the batch, so the same requests, weights and seed give the same completions).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from megatron_vlmr1.rollout.base import (
+    Completion,
+    RolloutEngine,
+    RolloutRequest,
+    RolloutResult,
+    SamplingConfig,
+)
+from megatron_vlmr1.vlm.qwen_vl.processor import EncodedPrompt, collate_prompts, encode_prompt, image_token_id
+
+
+def filter_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Logits [batch, vocab] with everything below the k-th largest set to -inf (-1 keeps all)."""
+    if top_k == -1 or top_k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Logits [batch, vocab] keeping the smallest set of most likely tokens whose probability reaches ``top_p``.
+
+    A token is kept if the probability mass strictly before it (in descending order) is below ``top_p``, so the
+    most likely token always survives.
+    """
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    remove_sorted = mass_before >= top_p
+    remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def sample_tokens(logits: torch.Tensor, sampling: SamplingConfig,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row from raw ``logits`` [batch, vocab]; return tokens [batch] and raw log-probs [batch]."""
+    logits = logits.float()
+    raw_logprobs = torch.log_softmax(logits, dim=-1)
+    if sampling.greedy:
+        tokens = logits.argmax(dim=-1)
+    else:
+        scaled = filter_top_p(filter_top_k(logits / sampling.temperature, sampling.top_k), sampling.top_p)
+        tokens = torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=generator).squeeze(-1)
+    return tokens, raw_logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def resolve_parameter_name(name: str, params: dict[str, torch.nn.Parameter]) -> str:
+    """The key of ``params`` (a model's ``named_parameters``) that a checkpoint name refers to.
+
+    transformers 5 nests VLM language models under ``model.language_model.`` and the vision tower under
+    ``model.visual.``, while checkpoints (and our exporter) keep the flat names; both spellings are accepted.
+    """
+    candidates = [name, "model." + name]
+    if name.startswith("model."):
+        candidates.append("model.language_model." + name[len("model."):])
+    for candidate in candidates:
+        if candidate in params:
+            return candidate
+    raise ValueError(f"update_weights: {name!r} is not a parameter of the model (e.g. {next(iter(params))!r})")
+
+
+class HFRolloutEngine(RolloutEngine):
+    """Generates with a transformers VLM in this process (CPU or one GPU)."""
+
+    def __init__(self, model: torch.nn.Module, processor: Any, max_model_len: int = 4096, max_batch_size: int = 64):
+        if max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {max_model_len}")
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.model = model.eval()
+        self.processor = processor
+        self.max_model_len = max_model_len
+        self.max_batch_size = max_batch_size
+        eos = model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self.eos_token_ids = set(eos) | {processor.tokenizer.eos_token_id}
+        self.pad_token_id = processor.tokenizer.pad_token_id
+        self.image_token_id = image_token_id(processor)
+        self.merge_size = model.config.vision_config.spatial_merge_size
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, **kwargs: Any) -> "HFRolloutEngine":
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+        return cls(model, AutoProcessor.from_pretrained(path), **kwargs)
+
+    def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig) -> list[RolloutResult]:
+        prompts = [encode_prompt(self.processor, r.messages, r.images) for r in requests]
+        for index, prompt in enumerate(prompts):
+            self.check_prompt_length(index, len(prompt.input_ids))
+        generator = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+        rows = [prompt for prompt in prompts for _ in range(sampling.n)]
+        completions: list[Completion] = []
+        for start in range(0, len(rows), self.max_batch_size):
+            completions.extend(self._generate_rows(rows[start:start + self.max_batch_size], sampling, generator))
+        return [RolloutResult(prompt.input_ids, completions[i * sampling.n:(i + 1) * sampling.n], prompt.images)
+                for i, prompt in enumerate(prompts)]
+
+    @torch.no_grad()
+    def _generate_rows(self, rows: list[EncodedPrompt], sampling: SamplingConfig,
+                       generator: torch.Generator) -> list[Completion]:
+        batch = collate_prompts(rows, self.pad_token_id, self.image_token_id, self.merge_size)
+        device = next(self.model.parameters()).device
+        attention_mask = batch.attention_mask.to(device)
+        # Next text position per row: one past the largest mrope position of its prompt (images can make the
+        # positions run behind the token count, so it is not the prompt length).
+        next_position = batch.position_ids.amax(dim=(0, 2)).to(device) + 1
+        output = self.model(input_ids=batch.input_ids.to(device), attention_mask=attention_mask,
+                            position_ids=batch.position_ids.to(device),
+                            pixel_values=None if batch.pixel_values is None else batch.pixel_values.to(device),
+                            image_grid_thw=None if batch.image_grid_thw is None else batch.image_grid_thw.to(device),
+                            use_cache=True, logits_to_keep=1)
+        budgets = [min(sampling.max_new_tokens, self.max_model_len - len(row.input_ids)) for row in rows]
+        tokens_out: list[list[int]] = [[] for _ in rows]
+        logprobs_out: list[list[float]] = [[] for _ in rows]
+        finish: list[str | None] = [None] * len(rows)
+        while True:
+            tokens, logprobs = sample_tokens(output.logits[:, -1], sampling, generator)
+            for row, (token, logprob) in enumerate(zip(tokens.tolist(), logprobs.tolist())):
+                if finish[row] is None:
+                    tokens_out[row].append(token)
+                    logprobs_out[row].append(logprob)
+                    finish[row] = self._finish_reason(tokens_out[row], budgets[row], sampling.stop)
+            if all(reason is not None for reason in finish):
+                break
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
+            output = self.model(input_ids=tokens[:, None], attention_mask=attention_mask,
+                                position_ids=next_position.view(1, -1, 1).expand(3, -1, 1),
+                                past_key_values=output.past_key_values, use_cache=True)
+            next_position = next_position + 1
+        return [Completion(ids, self._decode(ids), lps, reason)
+                for ids, lps, reason in zip(tokens_out, logprobs_out, finish)]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _finish_reason(self, ids: list[int], budget: int, stop: list[str]) -> str | None:
+        if ids[-1] in self.eos_token_ids:
+            return "stop"
+        if stop:
+            text = self._decode(ids)
+            if any(s in text for s in stop):
+                return "stop"
+        return "length" if len(ids) >= budget else None
+
+    @torch.no_grad()
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy tensors in place; a tied ``lm_head.weight`` is the embedding, so either name updates both."""
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        for name, tensor in weights:
+            target = params[resolve_parameter_name(name, params)]
+            if target.shape != tensor.shape:
+                raise ValueError(f"update_weights: {name!r} has shape {tuple(tensor.shape)}, "
+                                 f"the model expects {tuple(target.shape)}")
+            target.copy_(tensor)
