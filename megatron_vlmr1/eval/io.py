@@ -144,7 +144,8 @@ def load_coco_json(path: str | Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-    if not isinstance(data, dict) or any(not isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
+    keys = ("images", "annotations", "categories")
+    if not isinstance(data, dict) or any(not isinstance(data.get(k), list) for k in keys):
         raise ValueError(f"{path}: COCO ground truth needs lists 'images', 'annotations' and 'categories'")
     return data
 

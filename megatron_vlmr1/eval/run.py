@@ -57,7 +57,8 @@ def evaluate(cfg: EvalConfig, generate: Generate | None = None) -> dict[str, Any
                     raise ValueError(f"{prediction.where}: id {sample_id!r} is not in split {name!r}")
     elif generate is not None:
         predictions = {
-            name: generate_predictions(name, samples, generate, cfg.batch_size) for name, samples in split_samples.items()
+            name: generate_predictions(name, samples, generate, cfg.batch_size)
+            for name, samples in split_samples.items()
         }
     else:
         raise ValueError("eval needs 'predictions' (a jsonl of id/completion) or a generate callable for the model")

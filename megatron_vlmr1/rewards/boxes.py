@@ -95,7 +95,8 @@ def _size(value: Any, name: str) -> tuple[float, float]:
 def to_original_space(box: Box, box_space: str, image_size: Any = None, resized_size: Any = None) -> Box:
     """Rescale a predicted box from ``box_space`` to absolute pixels of the original image.
 
-    Raises ``RewardFieldError`` (a ``ValueError``) for an unknown space or a missing / malformed ``image_size`` / ``resized_size``.
+    Raises ``RewardFieldError`` (a ``ValueError``) for an unknown space or a missing / malformed ``image_size`` /
+    ``resized_size``.
     """
     if box_space == "abs":
         return box

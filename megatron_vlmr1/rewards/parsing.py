@@ -75,7 +75,7 @@ def answer_or_text(text: str) -> str:
 
 
 def normalize_text(text: str) -> str:
-    """Answer text for exact / fuzzy matching: whitespace runs collapsed to one space, trailing '.' dropped, lower case."""
+    """Answer text for exact / fuzzy matching: whitespace runs collapsed, trailing '.' dropped, lower case."""
     text = answer_or_text(text)[:MAX_TEXT_CHARS]
     return " ".join(text.split()).rstrip(".").strip().lower()
 

@@ -105,7 +105,7 @@ def _load_custom(spec: str) -> RewardFn:
 
 
 def _checked(name: str, fn: RewardFn) -> RewardFn:
-    """Wrap a user reward so a wrong length or a NaN fails loudly, naming the reward, instead of corrupting advantages."""
+    """Wrap a user reward so a wrong length or a NaN fails loudly (naming it) instead of corrupting advantages."""
 
     def reward(completions: Sequence[Any], **fields: Any) -> list[float]:
         values = [float(v) for v in fn(completions, **fields)]

@@ -56,7 +56,11 @@ def format_reward(text: str, **_: Any) -> float:
 
 @register_sample_reward("rec_format")
 def rec_format_reward(text: str, **_: Any) -> float:
-    """1.0 when the format is strict and the answer holds a JSON box (``{"bbox_2d": [...]}``, ``[x1,y1,x2,y2]`` or a list)."""
+    """1.0 when the format is strict and the answer holds a JSON box.
+
+    A box is ``{"bbox_2d": [...]}``, a bare ``[x1, y1, x2, y2]``, or a list of either (VLM-R1's ``format_reward_rec``
+    accepts only integer boxes inside braces; we accept what ``iou`` can score).
+    """
     if not has_strict_format(text):
         return 0.0
     value = parse_json_value(extract_answer(text) or "")
@@ -126,7 +130,10 @@ def lcs_length(a: str, b: str) -> int:
 
 
 def similarity(a: str, b: str) -> float:
-    """Indel similarity ``2·LCS / (len(a) + len(b))``, the ratio of python-Levenshtein that VLM-R1 uses; 1.0 for two empty strings."""
+    """Indel similarity ``2·LCS / (len(a) + len(b))`` (python-Levenshtein's ``ratio``, which VLM-R1 uses).
+
+    Two empty strings are identical: 1.0.
+    """
     if not a and not b:
         return 1.0
     return 2.0 * lcs_length(a, b) / (len(a) + len(b))

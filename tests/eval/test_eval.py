@@ -1,4 +1,4 @@
-"""Evaluation scoring on hand-made split / prediction files: REC accuracy, OVD mAP, reports, errors, the generate seam."""
+"""Evaluation on hand-made split / prediction files: REC accuracy, OVD mAP, reports, errors, the generate seam."""
 import json
 import os
 import subprocess
@@ -105,7 +105,8 @@ def test_rec_box_spaces_read_the_image_size_from_prediction_data_or_image(tmp_pa
         {"id": "s0", "completion": "<answer>[10, 10, 20, 20]</answer>", "image_size": [200, 100],
          "resized_size": [100, 50]},
     ])
-    cfg = EvalConfig(splits=[SplitConfig("t", write_jsonl(tmp_path / "d1.jsonl", [rec_sample("s0", [20, 20, 40, 40])]))],
+    one = write_jsonl(tmp_path / "d1.jsonl", [rec_sample("s0", [20, 20, 40, 40])])
+    cfg = EvalConfig(splits=[SplitConfig("t", one)],
                      predictions=resized, box_space="resized", output=str(tmp_path / "r.json"))
     assert evaluate(cfg)["splits"]["t"]["records"][0]["iou"] == 1.0
     no_size = EvalConfig(splits=[SplitConfig("t", data)], predictions=preds, box_space="norm1000",
@@ -248,7 +249,7 @@ def test_split_without_split_field_is_ambiguous_with_several_splits(rec_files):
 def test_bad_data_lines_name_file_and_line(tmp_path):
     preds = write_jsonl(tmp_path / "p.jsonl", [])
     cases = {
-        "dup.jsonl": ([rec_sample("s", [0, 0, 1, 1]), rec_sample("s", [0, 0, 1, 1])], r"dup\.jsonl:2: duplicate id 's'"),
+        "dup.jsonl": ([rec_sample("s", [0, 0, 1, 1])] * 2, r"dup\.jsonl:2: duplicate id 's'"),
         "nobox.jsonl": ([rec_sample("s", "somewhere")], r"nobox\.jsonl:1: the solution holds no valid box"),
         "noid.jsonl": ([{"conversations": []}], r"noid\.jsonl:1: missing 'id'"),
     }

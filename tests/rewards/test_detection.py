@@ -118,7 +118,9 @@ def test_iou_reward_rescales_prediction_spaces():
         image_size=[200, 100], resized_size=[100, 50],
     )
     assert resized == 1.0
-    norm = score("iou", "<answer>[100, 200, 200, 400]</answer>", solution=gt, box_space="norm1000", image_size=[200, 100])
+    norm = score(
+        "iou", "<answer>[100, 200, 200, 400]</answer>", solution=gt, box_space="norm1000", image_size=[200, 100]
+    )
     assert norm == 1.0
     assert score("iou", "<answer>[10, 10, 20, 20]</answer>", solution=gt) == 0.0  # same text read as absolute
 
@@ -148,7 +150,8 @@ def test_ap_hand_values():
     wrong_label = [{"bbox_2d": [0, 0, 10, 10], "label": "dog"}]
     assert score("ap", ovd_answer(wrong_label), solution=ovd_answer([CAT])) == 0.0
     # Labels compare case- and space-insensitively.
-    assert score("ap", ovd_answer([{"bbox_2d": [0, 0, 10, 10], "label": " Cat"}]), solution=ovd_answer([CAT])) == pytest.approx(1.0)
+    spaced = [{"bbox_2d": [0, 0, 10, 10], "label": " Cat"}]
+    assert score("ap", ovd_answer(spaced), solution=ovd_answer([CAT])) == pytest.approx(1.0)
 
 
 def test_map_len_redundancy_penalty():
