@@ -121,10 +121,11 @@ def grpo_loss(
 ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
     """GRPO's objective: aggregate(w * clipped surrogate + beta * KL estimate) over the response tokens.
 
-    w is the truncated importance-sampling weight when ``config.tis_cap`` is set (else 1). The KL term is added
-    per token before aggregation, as in the GRPO paper (verl aggregates it separately with the same mode, which
-    is the same number because aggregation is linear). Deviation from the paper: DeepSeekMath normalises by the
-    sequence length only (seq-mean-token-mean); the other aggregations are selected by ``config.loss_agg``.
+    w is the truncated importance-sampling weight when ``config.tis_cap`` is set (else 1); it corrects the sampling
+    distribution of the policy-gradient term only, not the KL penalty (as verl does). The KL term is added per
+    token before aggregation, as in the GRPO paper (verl aggregates it separately with the same mode: the same
+    number, since aggregation is linear). The paper's (1/G) sum_i (1/|o_i|) sum_t is ``seq-mean-token-mean``, the
+    default; ``token-mean`` (DAPO) and ``seq-mean-token-sum-norm`` (Dr.GRPO) are deliberate departures from it.
 
     All tensors [B, T]; returns the scalar loss [] and detached metrics over this call's response tokens:
     pg_loss and kl (the two terms, aggregated like the loss; kl is 0.0 when beta = 0), approx_kl (k3 estimate of
