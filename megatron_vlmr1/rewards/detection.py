@@ -30,6 +30,7 @@ WEIGHTED_SUM_POSITION = 0.7
 @register_sample_reward("iou")
 def iou_reward(
     text: str,
+    /,
     solution: Any = None,
     box_space: str = "abs",
     image_size: Any = None,
@@ -110,25 +111,25 @@ def _ovd_score(text: str, solution: Any, use_ap50: bool, length_penalty: bool) -
 
 
 @register_sample_reward("ap")
-def ap_reward(text: str, solution: Any = None, **_: Any) -> float:
+def ap_reward(text: str, /, solution: Any = None, **_: Any) -> float:
     """COCO AP@[.5:.95] of the answer's labelled boxes against the solution's (one image)."""
     return _ovd_score(text, solution, use_ap50=False, length_penalty=False)
 
 
 @register_sample_reward("ap50")
-def ap50_reward(text: str, solution: Any = None, **_: Any) -> float:
+def ap50_reward(text: str, /, solution: Any = None, **_: Any) -> float:
     """COCO AP at IoU 0.5 of the answer's labelled boxes against the solution's (one image)."""
     return _ovd_score(text, solution, use_ap50=True, length_penalty=False)
 
 
 @register_sample_reward("map_len")
-def map_len_reward(text: str, solution: Any = None, **_: Any) -> float:
+def map_len_reward(text: str, /, solution: Any = None, **_: Any) -> float:
     """AP@[.5:.95] times the redundancy penalty ``min(1, L_gt / L_pred)`` (VLM-R1's ``odLength``)."""
     return _ovd_score(text, solution, use_ap50=False, length_penalty=True)
 
 
 @register_sample_reward("weighted_sum")
-def weighted_sum_reward(text: str, solution: Any = None, **_: Any) -> float:
+def weighted_sum_reward(text: str, /, solution: Any = None, **_: Any) -> float:
     """``0.7 * position + 0.3 * completeness`` with greedy matching at IoU 0.5 (VLM-R1's ``detection_score``).
 
     position = sum of matched IoUs / L_gt, where a match with the wrong label contributes 0 (but still consumes

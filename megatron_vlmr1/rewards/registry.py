@@ -77,7 +77,10 @@ def batch_reward(fn: SampleRewardFn) -> RewardFn:
 
 
 def register_sample_reward(name: str) -> Callable[[SampleRewardFn], SampleRewardFn]:
-    """Register a per-sample ``fn(text, **sample) -> float`` as the batch reward ``name``; returns ``fn`` unchanged."""
+    """Register a per-sample ``fn(text, /, **sample) -> float`` as the batch reward ``name``; returns ``fn`` unchanged.
+
+    Declare ``text`` positional-only (``/``) so that a data column of any name, even ``text``, cannot collide with it.
+    """
 
     def decorator(fn: SampleRewardFn) -> SampleRewardFn:
         register_reward(name)(batch_reward(fn))

@@ -49,13 +49,13 @@ def has_strict_format(text: str) -> bool:
 
 
 @register_sample_reward("format")
-def format_reward(text: str, **_: Any) -> float:
+def format_reward(text: str, /, **_: Any) -> float:
     """1.0 when the completion has the strict think/answer format (``has_strict_format``), else 0.0."""
     return 1.0 if has_strict_format(text) else 0.0
 
 
 @register_sample_reward("rec_format")
-def rec_format_reward(text: str, **_: Any) -> float:
+def rec_format_reward(text: str, /, **_: Any) -> float:
     """1.0 when the format is strict and the answer holds a JSON box.
 
     A box is ``{"bbox_2d": [...]}``, a bare ``[x1, y1, x2, y2]``, or a list of either (VLM-R1's ``format_reward_rec``
@@ -81,7 +81,7 @@ def extract_choice(text: str) -> str | None:
 
 
 @register_sample_reward("mcq")
-def mcq_reward(text: str, solution: Any = None, **_: Any) -> float:
+def mcq_reward(text: str, /, solution: Any = None, **_: Any) -> float:
     """1.0 when the answer's option letter equals the solution's (letters A-Z, see ``extract_choice``)."""
     truth = answer_or_text(str(solution))
     correct = extract_choice(truth) or truth.strip().upper()
@@ -98,7 +98,7 @@ def _yes_no(text: str) -> str | None:
 
 
 @register_sample_reward("yes_no")
-def yes_no_reward(text: str, solution: Any = None, **_: Any) -> float:
+def yes_no_reward(text: str, /, solution: Any = None, **_: Any) -> float:
     """1.0 when the first whole-word yes/no of the answer equals the solution's.
 
     Whole words, unlike VLM-R1's substring search (where "not" and "know" read as "no"); an answer with neither
@@ -109,7 +109,7 @@ def yes_no_reward(text: str, solution: Any = None, **_: Any) -> float:
 
 
 @register_sample_reward("all_match")
-def all_match_reward(text: str, solution: Any = None, **_: Any) -> float:
+def all_match_reward(text: str, /, solution: Any = None, **_: Any) -> float:
     """1.0 when the normalised answer equals the normalised solution (``parsing.normalize_text``)."""
     return 1.0 if normalize_text(text) == normalize_text(str(solution)) else 0.0
 
@@ -140,7 +140,7 @@ def similarity(a: str, b: str) -> float:
 
 
 @register_sample_reward("fuzzy")
-def fuzzy_reward(text: str, solution: Any = None, **_: Any) -> float:
+def fuzzy_reward(text: str, /, solution: Any = None, **_: Any) -> float:
     """Similarity of the normalised answer and solution (each cut to ``MAX_TEXT_CHARS``), in [0, 1]."""
     return similarity(normalize_text(text), normalize_text(str(solution)))
 
@@ -151,7 +151,7 @@ def _math_timeout() -> int | None:
 
 
 @register_sample_reward("math")
-def math_reward(text: str, solution: Any = None, **_: Any) -> float:
+def math_reward(text: str, /, solution: Any = None, **_: Any) -> float:
     """1.0 when math-verify finds the answer equivalent to the solution.
 
     Bounded time: both sides are cut to ``MATH_MAX_CHARS`` and parsing / verification each get ``MATH_TIMEOUT_S``
@@ -177,7 +177,7 @@ def _as_number(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def default_accuracy(text: str, solution: Any = None, **_: Any) -> float:
+def default_accuracy(text: str, /, solution: Any = None, **_: Any) -> float:
     """VLM-R1's default accuracy: math-verify; else numbers compared exactly, option letters, or fuzzy text."""
     if math_reward(text, solution) == 1.0:
         return 1.0
@@ -210,7 +210,7 @@ ACCURACY_METHODS = {
 
 
 @register_sample_reward("accuracy")
-def accuracy_reward(text: str, accu_reward_method: str | None = None, **sample: Any) -> float:
+def accuracy_reward(text: str, /, accu_reward_method: str | None = None, **sample: Any) -> float:
     """The accuracy reward chosen per sample by ``accu_reward_method`` (VLM-R1's column; missing → ``default``).
 
     Methods: see ``ACCURACY_METHODS`` (VLM-R1's names, including ``od_ap`` / ``od_ap50`` / ``odLength``).
@@ -230,7 +230,7 @@ def _repetition_units(text: str) -> tuple[list[Any], int]:
 
 
 @register_sample_reward("repetition")
-def repetition_reward(text: str, **_: Any) -> float:
+def repetition_reward(text: str, /, **_: Any) -> float:
     """``-(1 - unique n-grams / all n-grams)`` in [-1, 0]: 0 for no repetition, towards -1 for a loop.
 
     Prose uses word 6-grams over the first ``REPETITION_MAX_WORDS`` words (shorter texts score 0); a detection
@@ -251,7 +251,7 @@ def cosine_schedule(length: float, max_len: float, value_at_zero: float, value_a
 
 @register_sample_reward("cosine_length")
 def cosine_length_reward(
-    text: str, completion_length: Any = None, cosine_max_len: Any = 1024, **sample: Any
+    text: str, /, completion_length: Any = None, cosine_max_len: Any = 1024, **sample: Any
 ) -> float:
     """Length shaping of Yeo et al. 2025 (arXiv 2502.03373): short correct answers earn most, short wrong ones least.
 

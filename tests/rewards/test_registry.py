@@ -121,3 +121,9 @@ def test_combine_rewards_validates_specs():
         combine_rewards([("format", math.inf)])
     with pytest.raises(ValueError, match="unknown reward"):
         combine_rewards([("formatt", 1.0)])
+
+
+def test_a_data_column_named_text_does_not_collide_with_the_completion():
+    # Built-ins take the completion positionally, so any column name (even "text") is just another field.
+    assert get_reward("all_match")(["<answer>a</answer>"], solution=["a"], text=["ignored"]) == [1.0]
+    assert get_reward("iou")(["[0, 0, 2, 2]"], solution=["[0, 0, 2, 2]"], text=["ignored"]) == [1.0]
