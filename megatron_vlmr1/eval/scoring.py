@@ -13,7 +13,7 @@ from PIL import Image
 
 from megatron_vlmr1.eval.io import Prediction, Sample, load_coco_json, sample_solution
 from megatron_vlmr1.rewards.boxes import box_iou, greedy_match, iou_matrix, to_original_space
-from megatron_vlmr1.rewards.coco import coco_bbox_stats, coco_from_dataset, xyxy_to_xywh
+from megatron_vlmr1.rewards.coco import coco_bbox_ap, coco_from_dataset, xyxy_to_xywh
 from megatron_vlmr1.rewards.parsing import first_box, parse_boxes, reference_boxes
 
 OVD_MATCH_IOU = 0.5
@@ -136,7 +136,7 @@ def score_ovd_split(
             "num_gt": len(gts),
             "true_positives": true_positives,
         })
-    stats = coco_bbox_stats(coco_gt, detections, image_ids=list(dict.fromkeys(image_ids))) if image_ids else None
+    mean_ap, ap50 = coco_bbox_ap(coco_gt, detections, list(dict.fromkeys(image_ids))) if image_ids else (0.0, 0.0)
     num_pred = sum(r["num_pred"] for r in records)
     num_gt = sum(r["num_gt"] for r in records)
     true_positives = sum(r["true_positives"] for r in records)
@@ -144,8 +144,8 @@ def score_ovd_split(
         "num_samples": len(records),
         "num_missing": sum(r["missing"] for r in records),
         "num_unparseable": sum(not r["parsed"] for r in records),
-        "map": max(float(stats[0]), 0.0) if stats is not None else 0.0,
-        "ap50": max(float(stats[1]), 0.0) if stats is not None else 0.0,
+        "map": mean_ap,
+        "ap50": ap50,
         "num_pred_boxes": num_pred,
         "num_gt_boxes": num_gt,
         "precision": true_positives / num_pred if num_pred else 0.0,

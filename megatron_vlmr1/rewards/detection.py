@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from megatron_vlmr1.rewards.boxes import box_iou, greedy_match, iou_matrix, to_original_space
-from megatron_vlmr1.rewards.coco import coco_bbox_stats, coco_from_dataset, xyxy_to_xywh
+from megatron_vlmr1.rewards.coco import coco_bbox_ap, coco_from_dataset, xyxy_to_xywh
 from megatron_vlmr1.rewards.parsing import LabeledBox, boxes_from_json, first_box, parse_boxes, reference_boxes
 from megatron_vlmr1.rewards.registry import register_sample_reward
 
@@ -90,8 +90,7 @@ def single_image_ap(preds: list[LabeledBox], gts: list[LabeledBox]) -> tuple[flo
         for box in preds
         if _label(box) in category_ids
     ]
-    stats = coco_bbox_stats(coco_from_dataset(dataset), detections)
-    return max(float(stats[0]), 0.0), max(float(stats[1]), 0.0)
+    return coco_bbox_ap(coco_from_dataset(dataset), detections)
 
 
 def _ovd_score(text: str, solution: Any, use_ap50: bool, length_penalty: bool) -> float:
