@@ -1,0 +1,222 @@
+"""Stream weights between HF checkpoints and a live, TP/PP-sharded megatron model.
+
+``export_hf_weights`` yields full HF-named tensors out of the sharded model, with every rank cooperating: TP shards
+are all-gathered over the TP group, then the owning pipeline stage broadcasts over the PP group. Work is done one
+bucket at a time (one transformer layer, or the non-layer weights of one stage), so peak extra memory is one layer,
+never the model. Every rank yields the same sequence, so rollout weight sync (HF engine, vLLM) and the conversion
+tool can consume it anywhere.
+
+``load_hf_weights`` goes the other way: it reads only the HF tensors this rank needs from the safetensors files
+(lazily, one weight at a time) and copies this rank's TP shard of each into the model.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_vlmr1.vlm.base import VLMFamily, WeightSpec, owning_pp_rank, shift_layer_index, tp_merge, tp_split
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Strip DDP / Float16Module wrappers (they hold the real model as ``.module``)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+def _stage_info(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(pp_rank, pp_size, global layer offset of this stage)."""
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    num_layers = model.layout.num_layers
+    if num_layers % pp_size:
+        raise ValueError(f"{num_layers} layers do not split evenly over PP size {pp_size}")
+    return pp_rank, pp_size, pp_rank * (num_layers // pp_size)
+
+
+def _single_chunk(model_chunks: torch.nn.Module | list[torch.nn.Module]) -> torch.nn.Module:
+    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    if len(chunks) != 1:
+        raise ValueError("virtual pipeline stages (several model chunks per rank) are not supported yet")
+    return unwrap_model(chunks[0])
+
+
+def _tied_head_name(model: torch.nn.Module) -> str | None:
+    """With tied embeddings and PP > 1 the last stage holds its own copy of the embedding as output_layer."""
+    if model.layout.tied and model.post_process and not model.pre_process:
+        return "language_model.output_layer.weight"
+    return None
+
+
+def _owner(spec: WeightSpec, layout: Any, pp_size: int) -> int:
+    return owning_pp_rank(spec.mcore_name, layout.num_layers, pp_size)
+
+
+def _buckets(specs: list[WeightSpec], layout: Any, pp_size: int) -> list[list[WeightSpec]]:
+    """Consecutive specs with the same (owner stage, layer): the unit of gather + broadcast."""
+    from megatron_vlmr1.vlm.base import layer_index
+
+    buckets: list[list[WeightSpec]] = []
+    key = None
+    for spec in specs:
+        spec_key = (_owner(spec, layout, pp_size),
+                    None if spec.mcore_name.startswith("visual.") else layer_index(spec.mcore_name))
+        if spec_key != key:
+            buckets.append([])
+            key = spec_key
+        buckets[-1].append(spec)
+    return buckets
+
+
+def _gather_tp(name: str, shard: torch.Tensor, gated: bool = True) -> torch.Tensor:
+    from megatron_vlmr1.vlm.base import tp_partition_dim
+
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    if tp_size == 1 or tp_partition_dim(name) is None:
+        return shard.detach()
+    group = parallel_state.get_tensor_model_parallel_group()
+    shards = [torch.empty_like(shard) for _ in range(tp_size)]
+    dist.all_gather(shards, shard.detach().contiguous(), group=group)
+    return tp_merge(name, shards, gated)
+
+
+def gather_full_mcore(model: torch.nn.Module, local_name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Full (TP=1 layout) tensor from this TP rank's shard of parameter ``local_name`` (a collective over TP)."""
+    return _gather_tp(local_name, tensor)
+
+
+@torch.no_grad()
+def export_hf_weights(model_chunks: torch.nn.Module | list[torch.nn.Module], family: VLMFamily,
+                      dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, full_tensor)`` for every HF weight, on every rank, in the family's order.
+
+    A collective: all ranks of the model-parallel group must iterate it to the end together. ``dtype`` casts the
+    yielded tensors (e.g. bf16 for vLLM); None keeps the model's dtype. Tensors are fresh copies (callers may keep
+    them), on the CPU when the model is.
+    """
+    model = _single_chunk(model_chunks)
+    layout = model.layout
+    pp_rank, pp_size, offset = _stage_info(model)
+    params = dict(model.named_parameters())
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    pp_ranks = dist.get_process_group_ranks(pp_group) if pp_size > 1 else [dist.get_rank()]
+    for bucket in _buckets(family.weight_specs(model.hf_config, layout), layout, pp_size):
+        owner = _owner(bucket[0], layout, pp_size)
+        full: list[torch.Tensor | None] = [None] * len(bucket)
+        if owner == pp_rank:
+            for i, spec in enumerate(bucket):
+                local = shift_layer_index(spec.mcore_name, -offset)
+                if local not in params:
+                    raise ValueError(f"model has no parameter {local} (global {spec.mcore_name}); wrong family?")
+                full[i] = _gather_tp(local, params[local])
+        if pp_size > 1:
+            meta = [[(t.shape, t.dtype) for t in full] if owner == pp_rank else None]
+            dist.broadcast_object_list(meta, src=pp_ranks[owner], group=pp_group)
+            for i, (shape, tensor_dtype) in enumerate(meta[0]):
+                if owner != pp_rank:
+                    full[i] = torch.empty(shape, dtype=tensor_dtype, device=_device(model))
+                dist.broadcast(full[i], src=pp_ranks[owner], group=pp_group)
+        for spec, tensor in zip(bucket, full):
+            assert tensor is not None
+            for hf_name, hf_tensor in zip(spec.hf_names, spec.from_mcore(tensor)):
+                out = hf_tensor.to(dtype) if dtype is not None else hf_tensor
+                yield hf_name, out.clone() if out.data_ptr() == tensor.data_ptr() else out.contiguous()
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+class SafetensorsReader:
+    """Lazy access to a HF checkpoint directory's tensors by name (single file or sharded with an index)."""
+
+    def __init__(self, hf_dir: str | os.PathLike, normalize: Any = lambda name: name) -> None:
+        from safetensors import safe_open
+
+        self.hf_dir = str(hf_dir)
+        index_path = os.path.join(self.hf_dir, "model.safetensors.index.json")
+        single_path = os.path.join(self.hf_dir, "model.safetensors")
+        if os.path.exists(index_path):
+            with open(index_path) as fh:
+                weight_map = json.load(fh)["weight_map"]
+        elif os.path.exists(single_path):
+            weight_map = None
+        else:
+            raise ValueError(f"{self.hf_dir}: no model.safetensors or model.safetensors.index.json")
+        self._files: dict[str, Any] = {}
+        self.weight_map: dict[str, str] = {}  # checkpoint name -> file
+        self._raw_names: dict[str, str] = {}  # checkpoint name -> name as stored (either HF naming convention)
+        files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
+        for file in files:
+            path = os.path.join(self.hf_dir, file)
+            if not os.path.exists(path):
+                raise ValueError(f"{self.hf_dir}: shard {file} listed in the index is missing")
+            handle = safe_open(path, framework="pt")
+            self._files[file] = handle
+            for key in handle.keys():
+                self.weight_map[normalize(key)] = file
+                self._raw_names[normalize(key)] = key
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise ValueError(f"{self.hf_dir}: checkpoint has no tensor {name!r}")
+        return self._files[self.weight_map[name]].get_tensor(self._raw_names[name])
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+
+@torch.no_grad()
+def load_hf_weights(model_chunks: torch.nn.Module | list[torch.nn.Module], family: VLMFamily,
+                    source: str | os.PathLike | dict[str, torch.Tensor]) -> None:
+    """Copy this rank's shards of a HF checkpoint (directory or in-memory state dict) into the model.
+
+    Only the tensors this pipeline stage owns are read; each is fused/padded to the megatron layout, split for this TP
+    rank and copied in place. Every parameter must be covered, and shapes must match, else ``ValueError``.
+    """
+    model = _single_chunk(model_chunks)
+    layout = model.layout
+    pp_rank, pp_size, offset = _stage_info(model)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    if isinstance(source, dict):
+        tensors = {family.checkpoint_name(k): v for k, v in source.items()}
+        read = tensors.__getitem__
+        has = tensors.__contains__
+    else:
+        reader = SafetensorsReader(source, family.checkpoint_name)
+        read, has = reader.get, reader.__contains__
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    specs = family.weight_specs(model.hf_config, layout)
+    tied_head = _tied_head_name(model)
+    for spec in specs:
+        targets = []
+        if _owner(spec, layout, pp_size) == pp_rank:
+            targets.append(shift_layer_index(spec.mcore_name, -offset))
+        if tied_head and spec.mcore_name == "language_model.embedding.word_embeddings.weight":
+            targets.append(tied_head)
+        if not targets:
+            continue
+        missing = [n for n in spec.hf_names if not has(n)]
+        if missing:
+            raise ValueError(f"HF checkpoint is missing {missing} (needed for {spec.mcore_name})")
+        full = spec.to_mcore([read(n) for n in spec.hf_names])
+        for local in targets:
+            if local not in params:
+                raise ValueError(f"model has no parameter {local}; is the checkpoint for another architecture?")
+            shard = tp_split(local, full, tp_size, tp_rank)
+            if shard.shape != params[local].shape:
+                raise ValueError(f"{spec.hf_names}: shape {tuple(shard.shape)} after conversion does not match "
+                                 f"{local} {tuple(params[local].shape)} (config and checkpoint disagree?)")
+            params[local].copy_(shard)
+            loaded.add(local)
+    not_loaded = sorted(set(params) - loaded)
+    if not_loaded:
+        raise ValueError(f"HF weights left these parameters uninitialised: {not_loaded[:5]}"
+                         f"{' ...' if len(not_loaded) > 5 else ''}")

@@ -1,0 +1,159 @@
+"""Qwen2-VL / Qwen2.5-VL on megatron-core: HF vision tower + megatron ``GPTModel`` with mrope.
+
+The language model is megatron-core's ``GPTModel`` (TP/PP, distributed optimizer, dist_checkpointing all work as
+for any GPT). The vision tower is transformers' own module (``Qwen2_5_VisionTransformerPretrainedModel`` or
+Qwen2-VL's), replicated on every TP rank of the first pipeline stage: it is small (~0.7B for every Qwen2.5-VL size)
+and sharding it would buy little. Its merged patch embeddings replace the word embeddings at the image-token
+positions, and the result enters ``GPTModel`` as ``decoder_input``.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.enums import ModelType
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_vlmr1.vlm.base import hf_config_text
+from megatron_vlmr1.vlm.qwen_vl.weights import QwenLayout
+
+_VISION_CLASSES = {
+    "qwen2_5_vl": ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VisionTransformerPretrainedModel"),
+    "qwen2_vl": ("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VisionTransformerPretrainedModel"),
+}
+
+
+def vision_class(model_type: str) -> type:
+    if model_type not in _VISION_CLASSES:
+        raise ValueError(f"no Qwen vision tower for model_type={model_type!r}; known: {sorted(_VISION_CLASSES)}")
+    module, name = _VISION_CLASSES[model_type]
+    return getattr(importlib.import_module(module), name)
+
+
+def mrope_section(hf_config: Any) -> list[int]:
+    text = hf_config_text(hf_config)
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    if "mrope_section" not in rope:
+        raise ValueError("HF config has no rope_parameters.mrope_section (is this a Qwen-VL config?)")
+    return list(rope["mrope_section"])
+
+
+def rope_theta(hf_config: Any) -> float:
+    text = hf_config_text(hf_config)
+    rope = getattr(text, "rope_parameters", None) or {}
+    return float(rope.get("rope_theta", getattr(text, "rope_theta", 10000.0)))
+
+
+def transformer_config(hf_config: Any, layout: QwenLayout, params_dtype: torch.dtype = torch.float32,
+                       **overrides: Any) -> TransformerConfig:
+    """megatron TransformerConfig for the language model (TP/PP sizes taken from parallel_state)."""
+    text = hf_config_text(hf_config)
+    if text.hidden_act != "silu":
+        raise ValueError(f"hidden_act={text.hidden_act!r}: only SwiGLU (silu) Qwen models are supported")
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if layout.num_layers % pp:
+        raise ValueError(f"num_hidden_layers={layout.num_layers} is not divisible by PP size {pp}")
+    kwargs = dict(
+        num_layers=layout.num_layers, hidden_size=layout.hidden_size, ffn_hidden_size=text.intermediate_size,
+        num_attention_heads=layout.num_heads, num_query_groups=layout.num_query_groups, kv_channels=layout.head_dim,
+        normalization="RMSNorm", layernorm_epsilon=text.rms_norm_eps, gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu, add_bias_linear=False, add_qkv_bias=True,
+        hidden_dropout=0.0, attention_dropout=0.0, mrope_section=mrope_section(hf_config),
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        pipeline_dtype=params_dtype if pp > 1 else None, params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
+        use_cpu_initialization=True, bias_activation_fusion=False, masked_softmax_fusion=False,
+        apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def padding_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[b, s] (1 = real token) -> megatron's [b, 1, s, s] bool mask (True = masked): causal and no padded keys.
+
+    A padded query row masks everything; its output is garbage but finite and never read (callers mask padding).
+    """
+    seq = attention_mask.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = causal[None, :, :] & attention_mask.bool()[:, None, :]
+    return ~allowed[:, None, :, :]
+
+
+class QwenVLModel(MegatronModule):
+    """One pipeline stage of Qwen-VL: [vision tower + embeddings] -> decoder layers -> [final norm + LM head].
+
+    ``forward(input_ids [b, s], position_ids [3, b, s], attention_mask [b, s], pixel_values [patches, C*T*P*P],
+    image_grid_thw [images, 3])`` returns, on the last stage, logits [b, s, vocab_shard] where vocab_shard =
+    padded_vocab / TP; columns beyond the real vocabulary are -inf (at TP=1 they are sliced off instead, so the
+    shape is exactly [b, s, vocab]). Other stages return hidden states [s, b, h] as ``GPTModel`` does, and take
+    their input through ``set_input_tensor``.
+    """
+
+    def __init__(self, hf_config: Any, config: TransformerConfig, layout: QwenLayout, transformer_layer_spec: Any,
+                 pre_process: bool = True, post_process: bool = True) -> None:
+        super().__init__(config=config)
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
+        self.hf_config = hf_config
+        self.layout = layout
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.image_token_id = hf_config.image_token_id
+        text = hf_config_text(hf_config)
+        if pre_process:
+            self.visual = vision_class(hf_config.model_type)._from_config(hf_config.vision_config,
+                                                                           dtype=config.params_dtype)
+        self.language_model = GPTModel(
+            config=config, transformer_layer_spec=transformer_layer_spec, vocab_size=layout.padded_vocab_size,
+            max_sequence_length=text.max_position_embeddings, pre_process=pre_process, post_process=post_process,
+            share_embeddings_and_output_weights=layout.tied, position_embedding_type="mrope",
+            rotary_base=rope_theta(hf_config), parallel_output=True,
+        )
+        self.share_embeddings_and_output_weights = layout.tied
+
+    def set_input_tensor(self, input_tensor: torch.Tensor | list[torch.Tensor]) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    def shared_embedding_or_output_weight(self) -> torch.Tensor:
+        return self.language_model.shared_embedding_or_output_weight()
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+              image_grid_thw: torch.Tensor | None) -> torch.Tensor:
+        """Word embeddings with image features scattered into the image-token positions: [s, b, h]."""
+        embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
+        if pixel_values is None:
+            return embeddings
+        image_embeds = self.visual(pixel_values.to(self.visual.dtype), grid_thw=image_grid_thw).pooler_output
+        image_mask = input_ids == self.image_token_id  # [b, s]; features are in row-major (batch, seq) order
+        if int(image_mask.sum()) != image_embeds.shape[0]:
+            raise ValueError(f"{int(image_mask.sum())} image tokens in input_ids but the images give "
+                             f"{image_embeds.shape[0]} features (image_grid_thw and the prompt disagree)")
+        embeddings = embeddings.transpose(0, 1).masked_scatter(image_mask[..., None], image_embeds.to(embeddings.dtype))
+        return embeddings.transpose(0, 1).contiguous()
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
+                pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+        decoder_input = self.embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
+        output = self.language_model(input_ids=input_ids, position_ids=position_ids,
+                                     attention_mask=padding_attention_mask(attention_mask),
+                                     decoder_input=decoder_input)
+        if not self.post_process:
+            return output
+        return self.mask_padded_vocab(output)
+
+    def mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Padded vocabulary columns must not take part in any softmax: slice (TP=1) or -inf (TP>1)."""
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        if tp_size == 1:
+            return logits[..., :self.layout.vocab_size]
+        shard = logits.shape[-1]
+        start = parallel_state.get_tensor_model_parallel_rank() * shard
+        padded = torch.arange(start, start + shard, device=logits.device) >= self.layout.vocab_size
+        if not bool(padded.any()):
+            return logits
+        return logits.masked_fill(padded, float("-inf"))
