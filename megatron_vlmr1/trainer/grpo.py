@@ -1,0 +1,229 @@
+"""GRPO: ``python -m megatron_vlmr1 train --config FILE [key.sub=value ...]``.
+
+One step: prompts → weight sync into the rollout engine → G completions per prompt → rewards → group advantages →
+old / reference log-probs → ``algo.mu`` optimizer updates through megatron's pipeline schedule. Each data-parallel
+rank rolls out its own prompts; tensor/pipeline ranks of one replica see the same prompts and seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_vlmr1.algo import AlgoConfig, get_advantage_estimator, get_policy_loss, informative_groups, loss_normalizer
+from megatron_vlmr1.config import load_config, save_config
+from megatron_vlmr1.data import DataConfig
+from megatron_vlmr1.rollout.config import RolloutConfig
+from megatron_vlmr1.trainer.config import (CheckpointConfig, LoopConfig, ModelConfig, OptimConfig, ParallelConfig,
+                                           RewardSpec)
+from megatron_vlmr1.trainer.session import TrainingSession
+
+
+@dataclasses.dataclass
+class GRPORunConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    algo: AlgoConfig = dataclasses.field(default_factory=AlgoConfig)
+    rewards: list[RewardSpec] = dataclasses.field(default_factory=lambda: [RewardSpec("format", 1.0)])
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: LoopConfig = dataclasses.field(default_factory=LoopConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+
+    def __post_init__(self):
+        if not self.model.path:
+            raise ValueError("model.path is required: an HF checkpoint directory (see tools/make_tiny_model.py)")
+        if not self.rewards:
+            raise ValueError("rewards: list at least one reward, e.g. [{name: format, weight: 1.0}]")
+        if self.rollout.sampling.n not in (1, self.algo.group_size):
+            raise ValueError(f"rollout.sampling.n={self.rollout.sampling.n} disagrees with algo.group_size="
+                             f"{self.algo.group_size}; set only algo.group_size")
+
+
+class GRPOTrainer(TrainingSession):
+    """Actor, reference and rollout engine are separate objects; this class only orders the phases."""
+
+    def __init__(self, cfg: GRPORunConfig):
+        super().__init__(cfg, cfg.train.prompts_per_step)
+        from megatron_vlmr1.rewards import combine_rewards
+        from megatron_vlmr1.rollout.config import build_engine
+        from megatron_vlmr1.trainer.policy import ScoringModel
+
+        self.algo = cfg.algo
+        self.reward_fn = combine_rewards([(r.name, r.weight) for r in cfg.rewards])
+        self.reward_names = [r.name for r in cfg.rewards]
+        self.reference = (ScoringModel(self.family, self.hf_config, cfg.model.path, self.env, cfg.model)
+                          if self.algo.beta > 0 else None)
+        self.engine = build_engine(cfg.rollout, cfg.model.path, self.actor.dtype)
+        self.policy_loss = get_policy_loss(self.algo.loss)
+        self.advantage_fn = get_advantage_estimator(self.algo.advantage)
+
+    # -- phases ------------------------------------------------------------------------------------------------
+    def sync_weights(self) -> None:
+        from megatron_vlmr1.vlm.export import export_hf_weights
+
+        self.engine.update_weights(export_hf_weights(self.actor.chunks, self.family))
+
+    def rollout(self, samples: list, step: int, round_index: int):
+        from megatron_vlmr1.rollout.base import RolloutRequest
+
+        sampling = dataclasses.replace(self.cfg.rollout.sampling, n=self.algo.group_size,
+                                       seed=self.step_seed(step, salt=round_index))
+        requests = [RolloutRequest(s.messages, list(s.image_paths)) for s in samples]
+        return self.engine.generate(requests, sampling)
+
+    def score(self, samples: list, results: list) -> tuple[list[str], Any]:
+        from megatron_vlmr1.data import collate_reward_fields
+
+        group = self.algo.group_size
+        texts = [c.text for r in results for c in r.completions]
+        fields = collate_reward_fields([s for s in samples for _ in range(group)])
+        return texts, self.reward_fn(texts, **fields)
+
+    def collect(self, step: int, metrics: dict) -> tuple[list, list, Any, list[str]]:
+        """Roll out this rank's prompts; with dynamic sampling, keep only groups whose rewards differ."""
+        group = self.algo.group_size
+        kept_samples, kept_results, kept_total, per_reward, all_texts = [], [], [], {}, []
+        rounds = self.algo.dynamic_sampling_max_rounds if self.algo.dynamic_sampling else 1
+        for round_index in range(rounds):
+            samples = next(self.data)
+            with self.timer("rollout", metrics):
+                results = self.rollout(samples, step, round_index)
+            with self.timer("reward", metrics):
+                texts, rewards = self.score(samples, results)
+            all_texts.extend(texts)
+            for name, values in rewards.per_reward.items():
+                per_reward.setdefault(name, []).extend(values)
+            total = torch.tensor(rewards.total, dtype=torch.float32)
+            keep = (informative_groups(total, group).tolist() if self.algo.dynamic_sampling
+                    else list(range(len(samples))))
+            for g in keep:
+                kept_samples.append(samples[g])
+                kept_results.append(results[g])
+                kept_total.extend(rewards.total[g * group:(g + 1) * group])
+            if len(kept_samples) >= self.prompts_per_rank:
+                break
+        kept = self.prompts_per_rank
+        return kept_samples[:kept], kept_results[:kept], (kept_total[:kept * group], per_reward), all_texts
+
+    def step(self, step: int) -> dict:
+        metrics: dict[str, float] = {}
+        with self.timer("sync", metrics):
+            self.sync_weights()
+        samples, results, (total, per_reward), texts = self.collect(step, metrics)
+        self.log_rollout_metrics(metrics, per_reward, results)
+        if not samples:
+            metrics["skipped_no_signal"] = 1.0
+            return metrics
+        advantages = self.advantage_fn(torch.tensor(total, dtype=torch.float32), self.algo)
+        micro_batches = self.build_micro_batches(samples, results, advantages)
+        with self.timer("old_logprob", metrics):
+            self.attach("old_logprobs", micro_batches, self.actor.logprobs(micro_batches) if self.algo.mu > 1 else None)
+        with self.timer("ref_logprob", metrics):
+            self.attach("ref_logprobs", micro_batches,
+                        self.reference.logprobs(micro_batches) if self.reference is not None else None)
+        normalizer = self.global_normalizer(micro_batches)
+        with self.timer("update", metrics):
+            for _ in range(self.algo.mu):
+                outputs, update = self.actor.train_step(micro_batches, self.token_loss(normalizer))
+        metrics.update(update)
+        metrics.update(self.reduce_token_metrics(outputs))
+        return metrics
+
+    # -- helpers -----------------------------------------------------------------------------------------------
+    def build_micro_batches(self, samples: list, results: list, advantages: torch.Tensor) -> list:
+        from megatron_vlmr1.trainer.batching import make_micro_batches
+
+        prompts, completions, rollout_logprobs = [], [], []
+        for sample, result in zip(samples, results):
+            encoded = self.family.encode_prompt(self.processor, sample.messages, list(sample.image_paths))
+            if list(encoded.input_ids) != list(result.prompt_ids):
+                raise AssertionError("rollout engine and trainer encoded a prompt differently")
+            for completion in result.completions:
+                prompts.append(encoded)
+                completions.append(completion.completion_ids)
+                rollout_logprobs.append(completion.logprobs)
+        return make_micro_batches(self.family, self.processor, self.hf_config, prompts, completions,
+                                  self.cfg.train.micro_batch_size, row_scalars={"advantages": advantages},
+                                  row_token_values={"rollout_logprobs": rollout_logprobs})
+
+    @staticmethod
+    def attach(name: str, micro_batches: list, values: list | None) -> None:
+        if values is None:
+            return
+        for batch, value in zip(micro_batches, values):
+            batch.fields[name] = value * batch.loss_mask
+
+    def global_normalizer(self, micro_batches: list) -> float:
+        """The aggregation's count over this step's whole batch on every data-parallel replica."""
+        from megatron.core import parallel_state
+
+        from megatron_vlmr1.trainer.distributed import all_reduce_sum
+
+        local = sum(float(loss_normalizer(mb.loss_mask, self.algo)) for mb in micro_batches)
+        return all_reduce_sum([local], group=parallel_state.get_data_parallel_group())[0]
+
+    def token_loss(self, normalizer: float):
+        algo, loss_fn = self.algo, self.policy_loss
+
+        def compute(batch, logprobs, entropy):
+            mask = batch.loss_mask
+            fields = batch.fields
+            old = fields.get("old_logprobs", logprobs.detach())
+            loss, metrics = loss_fn(logprobs, old, fields.get("ref_logprobs"), fields["advantages"], mask, algo,
+                                    rollout_logprobs=fields.get("rollout_logprobs") if algo.tis_cap else None,
+                                    normalizer=normalizer)
+            tokens = mask.sum()
+            mismatch = (logprobs.detach() - fields["rollout_logprobs"]).abs() * mask
+            out = {k: float(v) * float(tokens) for k, v in metrics.items()}
+            out.update(tokens=float(tokens), entropy=float((entropy.detach() * mask).sum()),
+                       rollout_logprob_gap=float(mismatch.sum()), rollout_logprob_gap_max=float(mismatch.max()))
+            return loss, out
+
+        return compute
+
+    def log_rollout_metrics(self, metrics: dict, per_reward: dict, results: list) -> None:
+        """Reward and length statistics over every completion of every data-parallel replica."""
+        lengths = [len(c.completion_ids) for r in results for c in r.completions]
+        weights = {r.name: r.weight for r in self.cfg.rewards}
+        count = len(per_reward[self.reward_names[0]])
+        totals = [sum(weights[n] * per_reward[n][i] for n in self.reward_names) for i in range(count)]
+        # one contribution per replica: only its (tp 0, pp 0) rank counts
+        owner = float(self.env.tp_rank == 0 and self.env.pp_rank == 0)
+        local = [sum(per_reward[n]) for n in self.reward_names]
+        local += [sum(totals), sum(t * t for t in totals), count, sum(lengths), len(lengths)]
+        *reward_sums, total, total_sq, n, length_sum, n_lengths = self.all_reduce([owner * v for v in local])
+        n = max(n, 1.0)
+        for name, value in zip(self.reward_names, reward_sums):
+            metrics[f"reward/{name}"] = value / n
+        mean = total / n
+        metrics["reward/mean"] = mean
+        metrics["reward/std"] = max(total_sq / n - mean * mean, 0.0) ** 0.5
+        metrics["completion_len/mean"] = length_sum / max(n_lengths, 1.0)
+        metrics["rollout_tokens"] = length_sum
+
+
+def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    parser = argparse.ArgumentParser(prog="python -m megatron_vlmr1 train")
+    parser.add_argument("--config", help="YAML config (see examples/configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-6 train.steps=100")
+    args = parser.parse_args(argv)
+    return args.config, args.overrides
+
+
+def main(argv: list[str]) -> int:
+    config_path, overrides = parse_args(argv)
+    cfg = load_config(GRPORunConfig, config_path, overrides)
+    trainer = GRPOTrainer(cfg)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return 0

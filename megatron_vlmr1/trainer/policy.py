@@ -1,0 +1,181 @@
+"""The megatron model a role runs: the trainable actor and the frozen reference share this code.
+
+``ScoringModel`` builds this pipeline stage's model from an HF checkpoint and runs micro-batches through megatron's
+pipeline schedule (``get_forward_backward_func``); ``ActorModel`` adds DDP, the (distributed) optimizer and the LR
+schedule. The per-token loss is a callback, so the same object serves GRPO, SFT and plain scoring.
+"""
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Any, Callable
+
+import torch
+
+from megatron_vlmr1.kernels import fused_logprob
+from megatron_vlmr1.trainer.config import ModelConfig, OptimConfig
+from megatron_vlmr1.trainer.distributed import ParallelEnv
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclasses.dataclass
+class MicroBatch:
+    """Right-padded rows, all micro-batches of a step padded to one length (the pipeline sends fixed shapes).
+
+    ``input_ids``/``attention_mask`` [b, s]; ``position_ids`` [3, b, s]; ``loss_mask`` [b, s-1] marks the tokens
+    (shifted: column j is token j+1) that count in the loss; ``fields`` holds per-token tensors aligned with it
+    ([b, s-1]: advantages, old/ref/rollout log-probs, ...).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    loss_mask: torch.Tensor
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+    fields: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    def to(self, device: torch.device) -> "MicroBatch":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return MicroBatch(move(self.input_ids), move(self.attention_mask), move(self.position_ids),
+                          move(self.loss_mask), move(self.pixel_values), move(self.image_grid_thw),
+                          {k: move(v) for k, v in self.fields.items()})
+
+
+# (micro_batch, logprobs [b, s-1], entropy [b, s-1]) -> (loss [], metrics)
+TokenLoss = Callable[[MicroBatch, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, Any]]]
+
+
+def shifted_targets(batch: MicroBatch, ignore_index: int = -100) -> torch.Tensor:
+    """Token j+1 is predicted at column j; tokens outside the loss mask are ignored. [b, s] -> [b, s-1]."""
+    return batch.input_ids[:, 1:].masked_fill(~batch.loss_mask.bool(), ignore_index)
+
+
+class ScoringModel:
+    """This pipeline stage's megatron model, loaded from an HF checkpoint; forward-only scoring."""
+
+    def __init__(self, family: Any, hf_config: Any, hf_path: str, env: ParallelEnv, model_cfg: ModelConfig):
+        from megatron_vlmr1.vlm.export import load_hf_weights
+        from megatron_vlmr1.vlm.qwen_vl.family import default_backend
+
+        self.env = env
+        self.family = family
+        self.dtype = DTYPES[model_cfg.dtype]
+        model = family.build_model(hf_config, pre_process=env.is_first_stage, post_process=env.is_last_stage,
+                                   params_dtype=self.dtype, backend=default_backend(env.device))
+        model.to(env.device)
+        load_hf_weights(model, family, hf_path)
+        self.chunks: list[torch.nn.Module] = [model]
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The bare model (under any DDP wrapper)."""
+        model = self.chunks[0]
+        return getattr(model, "module", model)
+
+    def run(self, micro_batches: list[MicroBatch], token_loss: TokenLoss, forward_only: bool) -> list[dict]:
+        """Run the pipeline schedule; returns the per-micro-batch metric dicts (last stage only, else [])."""
+        from megatron.core import parallel_state
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        tp_group = parallel_state.get_tensor_model_parallel_group() if self.env.tp > 1 else None
+        seq_length = micro_batches[0].input_ids.shape[1]
+        micro_batch_size = micro_batches[0].input_ids.shape[0]
+        if any(mb.input_ids.shape != (micro_batch_size, seq_length) for mb in micro_batches):
+            raise AssertionError("micro-batches must share one [b, s] shape for the pipeline schedule")
+        num_micro_batches = len(micro_batches)
+
+        def loss_func(batch: MicroBatch, logits: torch.Tensor):
+            logprobs, entropy = fused_logprob(logits[:, :-1], shifted_targets(batch), tp_group=tp_group,
+                                              return_entropy=True)
+            loss, metrics = token_loss(batch, logprobs, entropy)
+            # Token losses are normalised by the count of the whole step's batch over all data-parallel ranks
+            # (micro-batch exact). The schedule divides each micro-batch's loss by their number and DDP averages
+            # gradients over DP ranks; scale both back so the summed gradient is that of the global loss.
+            return loss * (num_micro_batches * self.env.dp), metrics
+
+        def forward_step(data_iterator, model):
+            batch = next(data_iterator).to(self.env.device)
+            logits = model(batch.input_ids, batch.position_ids, batch.attention_mask, batch.pixel_values,
+                           batch.image_grid_thw)
+            return logits, partial(loss_func, batch)
+
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(micro_batches), model=self.chunks,
+            num_microbatches=num_micro_batches, seq_length=seq_length, micro_batch_size=micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    @torch.no_grad()
+    def logprobs(self, micro_batches: list[MicroBatch]) -> list[torch.Tensor] | None:
+        """Per-token log-probs [b, s-1] of each micro-batch (fp32, 0 outside the loss mask); None off the last stage."""
+        for model in self.chunks:
+            model.eval()
+
+        def keep(batch, logprobs, entropy):
+            return logprobs.sum() * 0.0, {"logprobs": logprobs.detach().float().cpu()}
+
+        outputs = self.run(micro_batches, keep, forward_only=True)
+        return [out["logprobs"] for out in outputs] if self.env.is_last_stage else None
+
+
+class ActorModel(ScoringModel):
+    """The trainable policy: DDP-wrapped megatron model + megatron optimizer + LR schedule."""
+
+    def __init__(self, family: Any, hf_config: Any, hf_path: str, env: ParallelEnv, model_cfg: ModelConfig,
+                 optim_cfg: OptimConfig, total_steps: int, distributed_optimizer: bool = True):
+        super().__init__(family, hf_config, hf_path, env, model_cfg)
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        model = self.chunks[0]
+        apply_train_mode(model, model_cfg)
+        config = model.config
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                   use_distributed_optimizer=distributed_optimizer)
+        ddp = DistributedDataParallel(config, ddp_config, model)
+        self.chunks = [ddp]
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=optim_cfg.lr, min_lr=optim_cfg.min_lr,
+                            weight_decay=optim_cfg.weight_decay, adam_beta1=optim_cfg.adam_beta1,
+                            adam_beta2=optim_cfg.adam_beta2, adam_eps=optim_cfg.adam_eps,
+                            clip_grad=optim_cfg.clip_grad, bf16=self.dtype == torch.bfloat16,
+                            fp16=self.dtype == torch.float16, params_dtype=self.dtype,
+                            use_distributed_optimizer=distributed_optimizer),
+            self.chunks,
+        )
+        decay_style = {"constant": "constant", "linear": "linear", "cosine": "cosine"}[optim_cfg.lr_schedule]
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if optim_cfg.warmup_steps else optim_cfg.lr, max_lr=optim_cfg.lr,
+            min_lr=optim_cfg.min_lr, lr_warmup_steps=optim_cfg.warmup_steps,
+            lr_decay_steps=max(total_steps, optim_cfg.warmup_steps + 1), lr_decay_style=decay_style,
+            start_wd=optim_cfg.weight_decay, end_wd=optim_cfg.weight_decay, wd_incr_steps=max(total_steps, 1),
+            wd_incr_style="constant",
+        )
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = self.optimizer.scale_loss if self.dtype == torch.float16 else None
+
+    def train_step(self, micro_batches: list[MicroBatch], token_loss: TokenLoss) -> tuple[list[dict], dict]:
+        """One optimizer update over all micro-batches (gradient accumulation through the pipeline schedule)."""
+        for model in self.chunks:
+            model.train()
+            model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = self.run(micro_batches, token_loss, forward_only=False)
+        update_ok, grad_norm, _ = self.optimizer.step()
+        if update_ok:
+            self.scheduler.step(increment=1)
+        return outputs, {"grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
+                         "lr": self.optimizer.param_groups[0]["lr"], "update_skipped": float(not update_ok)}
+
+
+def apply_train_mode(model: torch.nn.Module, model_cfg: ModelConfig) -> None:
+    """Freeze what the training mode says must not change (before DDP sees the parameters)."""
+    if model_cfg.train_mode == "freeze_vision":
+        visual = getattr(model, "visual", None)
+        if visual is not None:
+            visual.requires_grad_(False)
+    elif model_cfg.train_mode == "lora":
+        raise ValueError("model.train_mode=lora is not available yet; use full or freeze_vision")

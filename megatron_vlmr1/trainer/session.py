@@ -1,0 +1,200 @@
+"""What every training run shares: process groups, model family, data, the actor, metrics, checkpoints, SIGTERM.
+
+A subclass (GRPO, SFT) implements ``step(step) -> metrics``; ``fit`` runs the loop, saves on schedule and on
+preemption, and exports HF weights at the end.
+"""
+from __future__ import annotations
+
+import shutil
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_vlmr1.config import save_config
+from megatron_vlmr1.trainer.checkpoint import CheckpointManager
+from megatron_vlmr1.trainer.distributed import all_reduce_sum, any_rank, init_parallel, teardown_parallel
+from megatron_vlmr1.trainer.metrics import REWARD_CURVE, MetricsLogger, plot_reward_curve
+
+HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json", "preprocessor_config.json", "processor_config.json", "chat_template.json",
+            "chat_template.jinja", "video_preprocessor_config.json", "vocab.json", "merges.txt")
+
+
+# Reshardable across data-parallel sizes: a run can resume on a different number of GPUs.
+OPTIMIZER_CKPT_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+class TrainingSession:
+    def __init__(self, cfg: Any, prompts_per_step: int):
+        from transformers import AutoConfig
+
+        from megatron_vlmr1.data import BatchIterator, load_samples
+        from megatron_vlmr1.trainer.policy import ActorModel
+        from megatron_vlmr1.vlm.base import get_family
+
+        self.cfg = cfg
+        self.env = init_parallel(cfg.parallel, cfg.train.seed)
+        self.output_dir = Path(cfg.train.output_dir)
+        if prompts_per_step % self.env.dp:
+            raise ValueError(f"train.prompts_per_step={prompts_per_step} is not divisible by the data-parallel size "
+                             f"{self.env.dp}")
+        self.prompts_per_rank = prompts_per_step // self.env.dp
+        self.hf_config = AutoConfig.from_pretrained(cfg.model.path)
+        self.family = get_family(self.hf_config)
+        self.processor = self.family.load_processor(cfg.model.path)
+        samples = load_samples(cfg.data)
+        self.data = BatchIterator(samples, self.prompts_per_rank, seed=cfg.data.seed, shuffle=cfg.data.shuffle,
+                                  rank=self.env.dp_rank, world_size=self.env.dp)
+        self.actor = ActorModel(self.family, self.hf_config, cfg.model.path, self.env, cfg.model, cfg.optim,
+                                total_steps=cfg.train.steps, distributed_optimizer=cfg.parallel.distributed_optimizer)
+        self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", rank=self.env.rank,
+                                             keep_last=cfg.checkpoint.keep_last, barrier=dist.barrier)
+        self.start_step = self.maybe_resume()
+        self.metrics = MetricsLogger(self.output_dir, enabled=self.env.is_logging_rank,
+                                     tensorboard=cfg.train.tensorboard, resume_step=self.start_step)
+        if self.env.is_logging_rank:
+            save_config(cfg, self.output_dir / "config.yaml")
+        self._preempted = False
+        self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    # -- small utilities ---------------------------------------------------------------------------------------
+    def _on_sigterm(self, signum, frame) -> None:
+        self._preempted = True
+
+    def step_seed(self, step: int, salt: int = 0) -> int:
+        """A seed fixed by (run seed, step, replica): resuming reproduces the same samples at any restart."""
+        return (self.cfg.train.seed * 1_000_003 + step * 10_007 + self.env.dp_rank * 101 + salt) % (2**31 - 1)
+
+    @contextmanager
+    def timer(self, phase: str, metrics: dict):
+        start = time.perf_counter()
+        yield
+        metrics[f"time/{phase}"] = metrics.get(f"time/{phase}", 0.0) + time.perf_counter() - start
+
+    def all_reduce(self, values: list[float]) -> list[float]:
+        return all_reduce_sum(values)
+
+    def reduce_token_metrics(self, outputs: list[dict]) -> dict:
+        """Token-weighted means of the loss callback's metrics over micro-batches and replicas.
+
+        Each micro-batch reports ``metric * tokens`` and ``tokens``; only last-stage ranks report. Tensor-parallel
+        ranks report identical values, which cancel in the ratio.
+        """
+        keys = sorted({k for out in outputs for k in out if k not in ("tokens", "rollout_logprob_gap_max")})
+        keys = self._same_keys_everywhere(keys)
+        local = [sum(out.get(k, 0.0) for out in outputs) for k in keys] + [sum(out["tokens"] for out in outputs)]
+        *sums, tokens = self.all_reduce(local)
+        result = {k: v / max(tokens, 1.0) for k, v in zip(keys, sums)}
+        if "rollout_logprob_gap" in keys:
+            gap_max = torch.tensor([max((out.get("rollout_logprob_gap_max", 0.0) for out in outputs), default=0.0)])
+            dist.all_reduce(gap_max, op=dist.ReduceOp.MAX)
+            result["rollout_logprob_gap_max"] = float(gap_max)
+        return result
+
+    def _same_keys_everywhere(self, keys: list[str]) -> list[str]:
+        """Non-last pipeline stages have no metrics; take the key list from the last stage of the world."""
+        box = [keys]
+        dist.broadcast_object_list(box, src=dist.get_world_size() - 1)
+        return box[0]
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def sharded_state(self, is_loading: bool = False) -> dict:
+        module = self.actor.module
+        model_sd = module.sharded_state_dict(prefix="model.")
+        return {"model": model_sd,
+                "optimizer": self.actor.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIMIZER_CKPT_FORMAT)}
+
+    def save_checkpoint(self, step: int) -> Path:
+        from megatron.core import dist_checkpointing
+
+        def write(directory: Path) -> None:
+            dist_checkpointing.save(self.sharded_state(), str(directory))
+
+        state = {"data": self.data.state_dict(), "scheduler": self.actor.scheduler.state_dict()}
+        return self.checkpoints.save(step, write, state)
+
+    def maybe_resume(self) -> int:
+        """Load OUTPUT_DIR/checkpoints/latest when resuming is on and one exists; returns the step it ended."""
+        from megatron.core import dist_checkpointing
+
+        latest = self.checkpoints.latest() if self.cfg.checkpoint.resume else None
+        if latest is None:
+            return 0
+        loaded = dist_checkpointing.load(self.sharded_state(is_loading=True), str(latest))
+        self.actor.module.load_state_dict(loaded["model"], strict=False)
+        self.actor.optimizer.load_state_dict(loaded["optimizer"])
+        state = CheckpointManager.read_state(latest)
+        self.actor.scheduler.load_state_dict(state["scheduler"])
+        self.data.load_state_dict(state["data"])
+        if self.env.is_logging_rank:
+            print(f"resumed from {latest} (step {state['step']})", flush=True)
+        return int(state["step"])
+
+    def export_hf(self, out_dir: Path) -> None:
+        """Write the trained weights as an HF checkpoint (safetensors + the start checkpoint's config/tokenizer)."""
+        from safetensors.torch import save_file
+
+        from megatron_vlmr1.vlm.export import export_hf_weights
+
+        tensors = {}
+        for name, tensor in export_hf_weights(self.actor.chunks, self.family):
+            if self.env.is_logging_rank:
+                tensors[name] = tensor.contiguous().cpu()
+        if self.env.is_logging_rank:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+            for name in HF_FILES:
+                source = Path(self.cfg.model.path) / name
+                if source.exists():
+                    shutil.copy(source, out_dir / name)
+        dist.barrier()
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    def step(self, step: int) -> dict:
+        raise NotImplementedError("a TrainingSession subclass defines its step")
+
+    def fit(self) -> None:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        last_saved = self.start_step
+        bar = tqdm(total=cfg.train.steps, initial=self.start_step, desc=type(self).__name__, dynamic_ncols=True,
+                   disable=not (cfg.train.progress_bar and self.env.is_logging_rank))
+        step = self.start_step
+        for step in range(self.start_step + 1, cfg.train.steps + 1):
+            start = time.perf_counter()
+            metrics = self.step(step)
+            metrics["time/step"] = time.perf_counter() - start
+            if "rollout_tokens" in metrics:
+                metrics["tokens_per_s"] = metrics["rollout_tokens"] / metrics["time/step"]
+            record = self.metrics.log(step, metrics)
+            bar.update(1)
+            bar.set_postfix({k: f"{record[k]:.3f}" for k in ("reward/mean", "loss") if record.get(k) is not None})
+            if any_rank(self._preempted):
+                self.save_checkpoint(step)
+                last_saved = step
+                if self.env.is_logging_rank:
+                    print(f"SIGTERM: saved step {step}, exiting", flush=True)
+                break
+            if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
+                self.save_checkpoint(step)
+                last_saved = step
+        bar.close()
+        if self._preempted:
+            return
+        if step > last_saved:
+            self.save_checkpoint(step)
+        if cfg.checkpoint.export_hf:
+            self.export_hf(self.output_dir / "hf")
+        if self.env.is_logging_rank and self.metrics.path.exists():
+            plot_reward_curve(self.metrics.path, self.output_dir / REWARD_CURVE)
+
+    def close(self) -> None:
+        self.metrics.close()
+        signal.signal(signal.SIGTERM, self._previous_sigterm)
+        teardown_parallel(self.env)
