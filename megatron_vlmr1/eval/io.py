@@ -95,10 +95,10 @@ def _check_size(value: Any, key: str, where: str) -> Any:
     ok = (
         isinstance(value, list)
         and len(value) == 2
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in value)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 1 for v in value)
     )
     if not ok:
-        raise ValueError(f"{where}: '{key}' must be [width, height] with positive numbers, got {value!r}")
+        raise ValueError(f"{where}: '{key}' must be [width, height] in pixels (numbers >= 1), got {value!r}")
     return value
 
 

@@ -87,8 +87,8 @@ def _size(value: Any, name: str) -> tuple[float, float]:
     if not isinstance(value, (list, tuple)) or len(value) != 2:
         raise RewardFieldError(f"{name} must be (width, height), got {value!r}")
     w, h = (_coord(v) for v in value)
-    if w is None or h is None or w <= 0 or h <= 0:
-        raise RewardFieldError(f"{name} must be two positive numbers, got {value!r}")
+    if w is None or h is None or w < 1 or h < 1:
+        raise RewardFieldError(f"{name} must be two numbers >= 1 (pixels), got {value!r}")
     return w, h
 
 

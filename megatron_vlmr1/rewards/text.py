@@ -261,10 +261,16 @@ def cosine_length_reward(
     version overwrites it with 1.0, rewarding every answer as correct. Length is ``completion_length`` (tokens,
     supplied by the trainer) or, when absent, the whitespace word count.
     """
-    max_len = float(cosine_max_len)
+    valid = isinstance(cosine_max_len, (int, float)) and not isinstance(cosine_max_len, bool)
+    max_len = float(cosine_max_len) if valid else math.nan
     if not math.isfinite(max_len) or max_len <= 0:
         raise RewardFieldError(f"cosine_max_len must be a positive number, got {cosine_max_len!r}")
-    length = float(completion_length) if completion_length is not None else float(len(text.split()))
+    if completion_length is None:
+        length = float(len(text.split()))
+    elif isinstance(completion_length, (int, float)) and not isinstance(completion_length, bool):
+        length = float(completion_length)
+    else:
+        raise RewardFieldError(f"completion_length must be a number of tokens, got {completion_length!r}")
     correct = accuracy_reward(text, **sample) >= COSINE_CORRECT_THRESHOLD
     if correct:
         return cosine_schedule(length, max_len, value_at_zero=1.0, value_at_max=0.5)

@@ -49,7 +49,7 @@ def test_coordinate_spaces():
     assert to_original_space((10, 10, 20, 20), "abs") == (10, 10, 20, 20)
     assert to_original_space((10, 10, 20, 20), "resized", (200, 100), (100, 50)) == (20, 20, 40, 40)
     assert to_original_space((100, 200, 200, 400), "norm1000", (200, 100)) == (20, 20, 40, 40)
-    for bad in [None, (0, 10), (10,), ("a", 1)]:
+    for bad in [None, (0, 10), (10,), ("a", 1), (1e-300, 10)]:
         with pytest.raises(ValueError, match="image_size"):
             to_original_space((0, 0, 1, 1), "norm1000", bad)
     with pytest.raises(ValueError, match="box_space"):

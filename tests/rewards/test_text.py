@@ -149,3 +149,10 @@ def test_cosine_length_uses_the_real_accuracy():
     # Without completion_length, whitespace words are counted: "<answer>paris</answer>" is one word.
     expected = 0.5 + 0.5 * (1 + math.cos(math.pi / 100)) / 2
     assert score("cosine_length", right, **fields) == pytest.approx(expected)
+
+
+def test_cosine_length_field_errors_raise():
+    with pytest.raises(ValueError, match="completion_length"):
+        score("cosine_length", "x", solution="x", completion_length="long")
+    with pytest.raises(ValueError, match="cosine_max_len"):
+        score("cosine_length", "x", solution="x", cosine_max_len=0)
