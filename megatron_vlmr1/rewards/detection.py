@@ -35,17 +35,23 @@ def iou_reward(
     box_space: str = "abs",
     image_size: Any = None,
     resized_size: Any = None,
+    image_sizes: Any = None,
+    target_image: Any = None,
     **_: Any,
 ) -> float:
     """Continuous IoU of the answer's first box with the best-matching reference box (max over references).
 
     The prediction is rescaled from ``box_space`` (``abs`` / ``resized`` / ``norm1000``, see ``boxes.py``) to the
-    original image, where the references live. No box, or no reference → 0.0.
+    original image, where the references live. The original size is ``image_size`` (w, h), or, as the data loader
+    provides it, ``image_sizes[target_image]`` (``target_image`` defaults to 0). No box, or no reference → 0.0.
     """
     pred = first_box(text)
     refs = reference_boxes(solution)
     if pred is None or not refs:
         return 0.0
+    if image_size is None and isinstance(image_sizes, (list, tuple)) and image_sizes:
+        index = target_image if isinstance(target_image, int) and 0 <= target_image < len(image_sizes) else 0
+        image_size = image_sizes[index]
     pred = to_original_space(pred, box_space, image_size, resized_size)
     return max(box_iou(pred, ref) for ref in refs)
 

@@ -123,6 +123,12 @@ def test_iou_reward_rescales_prediction_spaces():
     )
     assert norm == 1.0
     assert score("iou", "<answer>[10, 10, 20, 20]</answer>", solution=gt) == 0.0  # same text read as absolute
+    # The data loader's form: one size per image, the asked-about image chosen by target_image.
+    from_loader = score(
+        "iou", "<answer>[100, 200, 200, 400]</answer>", solution="<answer> [20, 20, 40, 40] </answer>",
+        box_space="norm1000", image_sizes=[[50, 50], [200, 100]], target_image=1,
+    )
+    assert from_loader == 1.0
 
 
 # ---------------------------------------------------------------- OVD
