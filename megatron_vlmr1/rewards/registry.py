@@ -4,7 +4,9 @@
 ``accu_reward_method``, ``task``, ...); a non-list value is broadcast to every completion (a run-wide option such as
 ``box_space="resized"``). Built-ins are written per sample and registered with ``@register_sample_reward``, which
 makes the batch function and guarantees the contract: a built-in never raises on any completion text and always
-returns finite floats (anything unparseable scores 0.0). Custom rewards are addressed as ``package.module:function``.
+returns finite floats (anything unparseable scores 0.0); only a malformed *field* (a caller error, e.g. a missing
+``image_size`` for ``box_space="norm1000"``) raises ``RewardFieldError``. Custom rewards are addressed as
+``package.module:function``; their output is checked (length, finiteness) and a violation raises ``ValueError``.
 """
 from __future__ import annotations
 
