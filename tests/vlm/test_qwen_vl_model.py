@@ -1,4 +1,9 @@
-"""Qwen-VL on megatron-core vs transformers: same weights, same image+text batch -> same logits (TP/PP)."""
+"""Qwen-VL on megatron-core vs transformers: same weights, same image+text batches -> same logits at every TP/PP;
+TP=2 x PP=2 gradients equal TP=1 gradients; the exporter gives back the HF checkpoint bit for bit.
+
+All layouts run inside one 4-process launch (re-initialising parallel_state between them) because spawning and
+importing dominate the cost on a 2-core machine.
+"""
 from __future__ import annotations
 
 import pytest
@@ -7,35 +12,54 @@ import torch
 from tests.distributed import run_distributed
 from tests.vlm import qwen_vl_helpers as helpers
 
+LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 
-def _logits_worker(rank: int, world_size: int, hf_dir: str, tp: int, pp: int, batches: list[dict]) -> list:
+
+def _gathered_grads(model) -> dict[str, torch.Tensor]:
+    """Full (TP-merged) gradients keyed by global megatron name (this stage's parameters only)."""
+    from megatron_vlmr1.vlm.base import shift_layer_index
+    from megatron_vlmr1.vlm.export import _stage_info, gather_full_mcore
+
+    _, _, offset = _stage_info(model)
+    return {shift_layer_index(name, offset): gather_full_mcore(model, name, p.grad)
+            for name, p in model.named_parameters()}
+
+
+def _worker(rank: int, world_size: int, hf_dir: str, layouts: list, batches: list[dict], backward: bool) -> dict:
     from megatron.core import parallel_state
 
-    helpers.setup(tp, pp)
-    model, _ = helpers.build_loaded(hf_dir)
-    model.eval()
-    out = []
-    for batch in batches:
-        data = helpers.run_pipeline(model, batch, forward_only=True)
-        if parallel_state.is_pipeline_last_stage():
-            logits = data[0]
-            out.append((logits, helpers.gather_vocab(logits) if tp > 1 else logits))
-        else:
-            out.append(None)
-    parallel_state.destroy_model_parallel()
+    from megatron_vlmr1.vlm.export import export_hf_weights
+
+    out: dict = {"logits": {}, "grads": {}, "export": None}
+    for tp, pp in layouts:
+        helpers.setup(tp, pp)
+        model, family = helpers.build_loaded(hf_dir)
+        model.eval()
+        logits = []
+        for batch in batches:
+            data = helpers.run_pipeline(model, batch, forward_only=True)
+            if parallel_state.is_pipeline_last_stage():
+                logits.append((data[0], helpers.gather_vocab(data[0]) if tp > 1 else data[0]))
+        out["logits"][(tp, pp)] = logits or None
+        if (tp, pp) == (2, 2):
+            out["export"] = dict(export_hf_weights(model, family))
+        parallel_state.destroy_model_parallel()
+        if backward and (tp, pp) in ((1, 1), (2, 2)):
+            # Same megatron layout at both sizes (2 query groups) so gradients compare name by name.
+            helpers.setup(tp, pp)
+            model, _ = helpers.build_loaded(hf_dir, num_query_groups=2)
+            batch = dict(batches[0], vocab_size=model.layout.vocab_size)
+            helpers.run_pipeline(model, batch, forward_only=False)
+            out["grads"][(tp, pp)] = _gathered_grads(model)
+            parallel_state.destroy_model_parallel()
     return out
 
 
-@pytest.fixture(scope="module")
-def reference_25(tiny_qwen2_5_vl):
-    return [helpers.hf_reference(tiny_qwen2_5_vl, side) for side in ("left", "right")]
-
-
-def _check(results: list, references: list[dict], tp: int, pp: int) -> None:
-    last_stage = [r for r in results if r[0] is not None]
-    assert len(last_stage) == tp * (len(results) // (tp * pp))
+def _check_logits(results: list[dict], references: list[dict], tp: int, pp: int) -> None:
+    last_stage = [r["logits"][(tp, pp)] for r in results if r["logits"][(tp, pp)] is not None]
+    assert len(last_stage) == len(results) // pp
     for per_rank in last_stage:
-        for (shard, full), ref in zip(per_rank, references):
+        for (shard, full), ref in zip(per_rank, references, strict=True):
             vocab = ref["logits"].shape[-1]
             mask = ref["attention_mask"].bool()
             if tp == 1:
@@ -48,15 +72,54 @@ def _check(results: list, references: list[dict], tp: int, pp: int) -> None:
             assert diff <= 1e-4, f"TP={tp} PP={pp}: max abs logit diff {diff}"
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
-def test_qwen2_5_vl_logits_match_transformers(tiny_qwen2_5_vl, reference_25, tp, pp):
-    batches = [{k: v for k, v in ref.items() if k != "logits"} for ref in reference_25]
-    results = run_distributed(_logits_worker, tp * pp, str(tiny_qwen2_5_vl), tp, pp, batches)
-    _check(results, reference_25, tp, pp)
+def _check_export(results: list[dict], hf_dir) -> None:
+    from safetensors.torch import load_file
+
+    expected = load_file(str(hf_dir / "model.safetensors"))
+    for result in results:
+        exported = result["export"]
+        assert sorted(exported) == sorted(expected)
+        for name, tensor in expected.items():
+            assert torch.equal(exported[name], tensor), name
+
+
+def _check_grads(results: list[dict]) -> None:
+    reference = results[0]["grads"][(1, 1)]
+    merged: dict[str, torch.Tensor] = {}
+    for result in results:
+        merged.update(result["grads"][(2, 2)])
+    assert merged.keys() == reference.keys()
+    for name, grad in merged.items():
+        ref = reference[name]
+        assert ref.abs().sum() > 0, name
+        rel = ((grad - ref).norm() / ref.norm()).item()
+        assert rel <= 1e-5, f"{name}: relative grad diff {rel}"
+
+
+@pytest.fixture(scope="module")
+def qwen2_5_results(tiny_qwen2_5_vl):
+    references = [helpers.hf_reference(tiny_qwen2_5_vl, side) for side in ("left", "right")]
+    batches = [{k: v for k, v in ref.items() if k != "logits"} for ref in references]
+    return references, run_distributed(_worker, 4, str(tiny_qwen2_5_vl), LAYOUTS, batches, True)
+
+
+@pytest.mark.parametrize("tp,pp", LAYOUTS)
+def test_qwen2_5_vl_logits_match_transformers(qwen2_5_results, tp, pp):
+    references, results = qwen2_5_results
+    _check_logits(results, references, tp, pp)
+
+
+def test_qwen2_5_vl_tp2_pp2_grads_match_tp1(qwen2_5_results):
+    _check_grads(qwen2_5_results[1])
+
+
+def test_export_at_tp2_pp2_is_bit_exact(qwen2_5_results, tiny_qwen2_5_vl):
+    _check_export(qwen2_5_results[1], tiny_qwen2_5_vl)
 
 
 def test_qwen2_vl_logits_match_transformers(tiny_qwen2_vl):
     references = [helpers.hf_reference(tiny_qwen2_vl, "left")]
     batches = [{k: v for k, v in ref.items() if k != "logits"} for ref in references]
-    results = run_distributed(_logits_worker, 4, str(tiny_qwen2_vl), 2, 2, batches)
-    _check(results, references, 2, 2)
+    results = run_distributed(_worker, 4, str(tiny_qwen2_vl), [(2, 2)], batches, False)
+    _check_logits(results, references, 2, 2)
+    _check_export(results, tiny_qwen2_vl)
