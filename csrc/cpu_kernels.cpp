@@ -24,7 +24,8 @@ constexpr int64_t kChunk = 2048;
 // exp(x) for x <= 0, branch-free so loops over it vectorise (glibc's expf does not without -ffast-math).
 // Cephes expf: x = n ln2 + r with |r| <= ln2/2, degree-5 polynomial for exp(r), 2^n through the exponent bits.
 // Relative error ~2 ulp. Arguments below -87 (and -inf) return exactly 0.
-inline float exp_nonpositive(float x) {
+// always_inline: it must be inlined into the target_clones below for their loops to vectorise.
+__attribute__((always_inline)) inline float exp_nonpositive(float x) {
   const float xc = x < -87.f ? -87.f : x;
   const float t = xc * 1.44269504088896341f + 12582912.f;  // round-to-nearest via the 1.5 * 2^23 trick
   const float n = t - 12582912.f;
@@ -51,7 +52,7 @@ inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 // The fp32 hot loops are compiled for several instruction sets and picked at load time (GCC function
 // multi-versioning), so one build runs everywhere and still uses AVX2/AVX-512 where the CPU has them.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define VLMR1_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#define VLMR1_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define VLMR1_CLONES
 #endif
@@ -75,16 +76,18 @@ VLMR1_CLONES SoftmaxStats chunk_stats(const float* buf, int64_t n) {
 }
 
 // In place on buf (x_j = logit_j * inv_temp) for every column j of the chunk, the target column excluded:
-//   grad_j = -g_lp * p_j - g_ent * p_j * (logp_j + H),  logp_j = (x_j - max) - log_sum,  p_j = exp(logp_j).
+//   grad_j = -p_j * (g_lp + g_ent * (logp_j + H)),  logp_j = (x_j - max) - log_sum,  p_j = exp(logp_j).
 // g_lp and g_ent already carry the 1 / temperature of the chain rule. The entropy term follows from
-// H = lse - sum_j p_j x_j, so dH/dx_j = -p_j (logp_j + H); it is skipped where p_j == 0 (-inf columns).
+// H = lse - sum_j p_j x_j, so dH/dx_j = -p_j (logp_j + H). logp is clamped where p_j == 0 anyway, so that -inf
+// columns give 0 rather than 0 * -inf; the loop stays branch-free (it must, to vectorise).
 VLMR1_CLONES void chunk_grad(float* buf, int64_t n, float row_max, float log_sum, float entropy, float g_lp,
                              float g_ent) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const float logp = (buf[j] - row_max) - log_sum;
     const float p = exp_nonpositive(logp);
-    buf[j] = -g_lp * p - (p > 0.f ? g_ent * p * (logp + entropy) : 0.f);
+    const float logp_clamped = logp < -87.f ? -87.f : logp;
+    buf[j] = -p * (g_lp + g_ent * (logp_clamped + entropy));
   }
 }
 
