@@ -14,6 +14,9 @@ Definitions every engine follows (the trainer depends on them):
   the model's unmodified distribution (temperature 1, no top-k / top-p truncation), at the position that produced
   it. This is what the trainer recomputes as the "old" policy log-prob, so the two can be compared directly; it is
   *not* the log-probability under the tempered/truncated distribution the token was drawn from.
+* vision placeholder tokens (``VISION_PLACEHOLDERS``) are never sampled: a completion holding one would not be a
+  valid model input (its image tokens would not match the images). Their raw log-probs still count in the
+  normalisation of every other token's log-prob.
 * ``finish_reason`` is ``"stop"`` (EOS or stop string) or ``"length"`` (``max_new_tokens`` or the engine's
   ``max_model_len`` reached).
 """
@@ -28,6 +31,15 @@ import torch
 from megatron_vlmr1.vlm.qwen_vl.processor import ImageGeometry, ImageInput, build_messages
 
 FinishReason = Literal["stop", "length"]
+
+# Tokens that mark image/video positions in a prompt; no engine may sample them.
+VISION_PLACEHOLDERS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
+
+
+def banned_token_ids(tokenizer: Any) -> list[int]:
+    """Ids of the ``VISION_PLACEHOLDERS`` this tokenizer has, sorted."""
+    vocab = tokenizer.get_vocab()
+    return sorted(vocab[token] for token in VISION_PLACEHOLDERS if token in vocab)
 
 
 @dataclasses.dataclass

@@ -4,7 +4,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from megatron_vlmr1.rollout.base import SamplingConfig
+import torch
+
+from megatron_vlmr1.rollout.base import RolloutEngine, SamplingConfig
 
 
 @dataclasses.dataclass
@@ -12,28 +14,44 @@ class RolloutConfig:
     """``engine``: ``hf`` (transformers, in the training process) or ``vllm`` (in-process vLLM, hybrid engine).
 
     ``sampling.n`` is set from ``algo.group_size`` by the trainer; ``sampling.seed`` is the base of a per-step,
-    per-rank seed, so a resumed run samples exactly what an uninterrupted one would.
+    per-rank seed, so a resumed run samples exactly what an uninterrupted one would. ``max_batch_size`` is the HF
+    engine's rows per forward and vLLM's ``max_num_seqs``; the remaining keys only concern vLLM.
     """
 
     engine: Literal["hf", "vllm"] = "hf"
     sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
     max_model_len: int = 4096
     max_batch_size: int = 64
+    max_images_per_prompt: int = 4
+    kv_cache_gb: int = 1
+    gpu_memory_utilization: float = 0.5
+    enforce_eager: bool = True
 
     def __post_init__(self) -> None:
+        if self.engine not in ("hf", "vllm"):
+            raise ValueError(f"rollout.engine must be 'hf' or 'vllm', got {self.engine!r}")
         if self.max_model_len < 2:
             raise ValueError(f"rollout.max_model_len must be >= 2, got {self.max_model_len}")
         if self.max_batch_size < 1:
             raise ValueError(f"rollout.max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_images_per_prompt < 0:
+            raise ValueError(f"rollout.max_images_per_prompt must be >= 0, got {self.max_images_per_prompt}")
+        if self.kv_cache_gb < 1:
+            raise ValueError(f"rollout.kv_cache_gb must be >= 1, got {self.kv_cache_gb}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"rollout.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
-def build_engine(cfg: RolloutConfig, hf_path: str, dtype):
+def build_engine(cfg: RolloutConfig, hf_path: str, dtype: torch.dtype = torch.float32) -> RolloutEngine:
     """The configured engine, loaded from an HF checkpoint (its weights are replaced each step anyway)."""
     if cfg.engine == "hf":
         from megatron_vlmr1.rollout.hf import HFRolloutEngine
 
         return HFRolloutEngine.from_pretrained(hf_path, dtype=dtype, max_model_len=cfg.max_model_len,
                                                max_batch_size=cfg.max_batch_size)
-    from megatron_vlmr1.rollout import vllm as vllm_engine
+    from megatron_vlmr1.rollout.vllm import VLLMRolloutEngine
 
-    return vllm_engine.VLLMRolloutEngine.from_pretrained(hf_path, dtype=dtype, max_model_len=cfg.max_model_len)
+    return VLLMRolloutEngine(hf_path, max_model_len=cfg.max_model_len, max_images_per_prompt=cfg.max_images_per_prompt,
+                             max_num_seqs=cfg.max_batch_size, dtype=str(dtype).removeprefix("torch."),
+                             kv_cache_gb=cfg.kv_cache_gb, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                             enforce_eager=cfg.enforce_eager)

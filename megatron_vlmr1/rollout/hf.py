@@ -18,6 +18,7 @@ from megatron_vlmr1.rollout.base import (
     RolloutRequest,
     RolloutResult,
     SamplingConfig,
+    banned_token_ids,
 )
 from megatron_vlmr1.vlm.qwen_vl.processor import EncodedPrompt, collate_prompts, encode_prompt, image_token_id
 
@@ -46,15 +47,22 @@ def filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(remove, float("-inf"))
 
 
-def sample_tokens(logits: torch.Tensor, sampling: SamplingConfig,
-                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row from raw ``logits`` [batch, vocab]; return tokens [batch] and raw log-probs [batch]."""
+def sample_tokens(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator,
+                  banned_ids: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row from raw ``logits`` [batch, vocab]; return tokens [batch] and raw log-probs [batch].
+
+    ``banned_ids`` are never drawn (image placeholders: a completion holding one would not be a valid model input);
+    the recorded log-probs still come from the untouched logits, as ``base`` defines them.
+    """
     logits = logits.float()
     raw_logprobs = torch.log_softmax(logits, dim=-1)
+    drawable = logits
+    if banned_ids:
+        drawable = logits.index_fill(-1, torch.tensor(list(banned_ids), device=logits.device), float("-inf"))
     if sampling.greedy:
-        tokens = logits.argmax(dim=-1)
+        tokens = drawable.argmax(dim=-1)
     else:
-        scaled = filter_top_p(filter_top_k(logits / sampling.temperature, sampling.top_k), sampling.top_p)
+        scaled = filter_top_p(filter_top_k(drawable / sampling.temperature, sampling.top_k), sampling.top_p)
         tokens = torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=generator).squeeze(-1)
     return tokens, raw_logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
@@ -92,6 +100,7 @@ class HFRolloutEngine(RolloutEngine):
         self.pad_token_id = processor.tokenizer.pad_token_id
         self.image_token_id = image_token_id(processor)
         self.merge_size = model.config.vision_config.spatial_merge_size
+        self.banned_ids = banned_token_ids(processor.tokenizer)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, **kwargs: Any) -> "HFRolloutEngine":
@@ -131,7 +140,7 @@ class HFRolloutEngine(RolloutEngine):
         logprobs_out: list[list[float]] = [[] for _ in rows]
         finish: list[str | None] = [None] * len(rows)
         while True:
-            tokens, logprobs = sample_tokens(output.logits[:, -1], sampling, generator)
+            tokens, logprobs = sample_tokens(output.logits[:, -1], sampling, generator, self.banned_ids)
             for row, (token, logprob) in enumerate(zip(tokens.tolist(), logprobs.tolist())):
                 if finish[row] is None:
                     tokens_out[row].append(token)

@@ -18,13 +18,40 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from megatron_vlmr1.rollout.base import Completion, RolloutEngine, RolloutRequest, RolloutResult, SamplingConfig
+from megatron_vlmr1.rollout.base import (
+    Completion,
+    RolloutEngine,
+    RolloutRequest,
+    RolloutResult,
+    SamplingConfig,
+    banned_token_ids,
+)
 from megatron_vlmr1.vlm.qwen_vl.processor import (
     count_images,
     encode_prompt,
     load_image,
     render_prompt,
 )
+
+
+# vLLM clamps logit biases to [-100, 100]; -100 on a logit makes a token's probability ~e^-100 of the best one's.
+BAN_BIAS = -100.0
+
+
+def vllm_sampling_params(sampling: SamplingConfig, eos_token_ids: Iterable[int], banned_ids: Iterable[int]) -> Any:
+    """vLLM ``SamplingParams`` that follow ``rollout.base``'s rules, as the transformers engine does.
+
+    vLLM's own EOS handling is replaced by the explicit ``eos_token_ids`` set; stop strings stay in the output;
+    ``banned_ids`` get a logit bias (applied after vLLM records the raw log-probs, so those are unchanged);
+    vLLM refuses ``n > 1`` when greedy, and greedy samples are identical, so one is drawn (``generate`` repeats it).
+    """
+    from vllm import SamplingParams
+
+    return SamplingParams(n=1 if sampling.greedy else sampling.n, temperature=sampling.temperature,
+                          top_p=sampling.top_p, top_k=sampling.top_k, max_tokens=sampling.max_new_tokens,
+                          seed=sampling.seed, stop=list(sampling.stop) or None, include_stop_str_in_output=True,
+                          stop_token_ids=sorted(eos_token_ids), ignore_eos=True, logprobs=0, skip_special_tokens=True,
+                          logit_bias={token: BAN_BIAS for token in banned_ids} or None)
 
 
 class VLLMRolloutEngine(RolloutEngine):
@@ -49,6 +76,7 @@ class VLLMRolloutEngine(RolloutEngine):
         config = AutoConfig.from_pretrained(model_path)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.eos_token_ids = self._eos_ids(model_path)
+        self.banned_ids = banned_token_ids(self.processor.tokenizer)
         self.max_images_per_prompt = max_images_per_prompt
         self.llm = LLM(model=str(model_path), dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                        limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0}, mm_processor_cache_gb=0,
@@ -65,17 +93,6 @@ class VLLMRolloutEngine(RolloutEngine):
             eos = None
         return {self.processor.tokenizer.eos_token_id, *([eos] if isinstance(eos, int) else list(eos or []))}
 
-    def _sampling_params(self, sampling: SamplingConfig) -> Any:
-        from vllm import SamplingParams
-
-        # vLLM's own EOS handling is replaced by the same explicit set the HF engine uses, so both stop alike.
-        # vLLM refuses n > 1 when greedy; greedy samples are identical, so one is drawn and repeated.
-        return SamplingParams(n=1 if sampling.greedy else sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                              top_k=sampling.top_k, max_tokens=sampling.max_new_tokens, seed=sampling.seed,
-                              stop=list(sampling.stop) or None, include_stop_str_in_output=True,
-                              stop_token_ids=sorted(self.eos_token_ids), ignore_eos=True, logprobs=0,
-                              skip_special_tokens=True)
-
     def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig) -> list[RolloutResult]:
         prompts, vllm_inputs = [], []
         for index, request in enumerate(requests):
@@ -91,7 +108,8 @@ class VLLMRolloutEngine(RolloutEngine):
             if request.images:
                 item["multi_modal_data"] = {"image": [load_image(image) for image in request.images]}
             vllm_inputs.append(item)
-        outputs = self.llm.generate(vllm_inputs, self._sampling_params(sampling), use_tqdm=False)
+        outputs = self.llm.generate(vllm_inputs, vllm_sampling_params(sampling, self.eos_token_ids, self.banned_ids),
+                                    use_tqdm=False)
         results = []
         for index, (prompt, output) in enumerate(zip(prompts, outputs)):
             if list(output.prompt_token_ids) != prompt.input_ids:

@@ -9,8 +9,9 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
-from megatron_vlmr1.rollout.base import RolloutRequest, SamplingConfig
-from megatron_vlmr1.rollout.hf import HFRolloutEngine, filter_top_k, filter_top_p
+from megatron_vlmr1.rollout.base import VISION_PLACEHOLDERS, RolloutRequest, SamplingConfig, banned_token_ids
+from megatron_vlmr1.rollout.config import RolloutConfig, build_engine
+from megatron_vlmr1.rollout.hf import HFRolloutEngine, filter_top_k, filter_top_p, sample_tokens
 from megatron_vlmr1.vlm.qwen_vl.processor import build_training_batch, encode_prompt, image_token_id
 from tools.make_tiny_model import make_tiny_model
 
@@ -180,3 +181,28 @@ def test_update_weights_accepts_transformers_names_and_rejects_bad_ones(engine, 
         engine.update_weights([("model.layers.0.nope.weight", original)])
     with pytest.raises(ValueError, match="has shape"):
         engine.update_weights([("model.layers.0.mlp.up_proj.weight", original.T)])
+
+
+def test_vision_placeholders_are_never_sampled_but_logprobs_stay_raw(engine):
+    banned = banned_token_ids(engine.processor.tokenizer)
+    assert banned == sorted(engine.processor.tokenizer.convert_tokens_to_ids(list(VISION_PLACEHOLDERS)))
+    logits = torch.zeros(2, 20)
+    logits[:, 12] = 9.0  # the best token is banned
+    logits[:, 4] = 1.0
+    generator = torch.Generator().manual_seed(0)
+    tokens, logprobs = sample_tokens(logits, SamplingConfig(temperature=0), generator, banned_ids=[12])
+    assert tokens.tolist() == [4, 4]
+    torch.testing.assert_close(logprobs, torch.log_softmax(logits, -1)[:, 4])
+    sampled, _ = sample_tokens(logits[:1].expand(500, -1), SamplingConfig(temperature=2.0), generator, banned_ids=[12])
+    assert 12 not in sampled.tolist()
+
+
+def test_rollout_config_validation_and_build_engine(tiny_qwen2_5_vl):
+    for kwargs, key in [({"engine": "sglang"}, "rollout.engine"), ({"max_model_len": 1}, "rollout.max_model_len"),
+                        ({"max_batch_size": 0}, "rollout.max_batch_size"),
+                        ({"gpu_memory_utilization": 0.0}, "rollout.gpu_memory_utilization")]:
+        with pytest.raises(ValueError, match=key):
+            RolloutConfig(**kwargs)
+    engine = build_engine(RolloutConfig(max_model_len=300, max_batch_size=3), str(tiny_qwen2_5_vl))
+    assert isinstance(engine, HFRolloutEngine)
+    assert (engine.max_model_len, engine.max_batch_size) == (300, 3)

@@ -88,6 +88,19 @@ def test_stop_string_kept_in_text_and_finish_reason(vllm_run, new_weights):
     assert hf.completion_ids == completion["completion_ids"] and hf.finish_reason == "stop"
 
 
+def test_sampling_params_follow_the_engine_contract():
+    from megatron_vlmr1.rollout.vllm import BAN_BIAS, vllm_sampling_params
+
+    params = vllm_sampling_params(SamplingConfig(n=4, temperature=0.9, top_p=0.8, top_k=20, max_new_tokens=7,
+                                                 stop=["</answer>"], seed=3), {2, 0}, [9, 12])
+    assert (params.n, params.temperature, params.top_p, params.top_k, params.max_tokens, params.seed) == \
+           (4, 0.9, 0.8, 20, 7, 3)
+    assert params.stop == ["</answer>"] and params.include_stop_str_in_output
+    assert params.stop_token_ids == [0, 2] and params.ignore_eos and params.logprobs == 0
+    assert params.logit_bias == {9: BAN_BIAS, 12: BAN_BIAS}
+    assert vllm_sampling_params(SamplingConfig(n=4, temperature=0), {2}, []).n == 1
+
+
 def test_bad_requests_raise_before_generation(vllm_run):
     too_long, too_many_images = vllm_run["errors"]
     assert "max_model_len is 512" in too_long
