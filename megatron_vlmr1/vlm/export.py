@@ -220,3 +220,85 @@ def load_hf_weights(model_chunks: torch.nn.Module | list[torch.nn.Module], famil
     if not_loaded:
         raise ValueError(f"HF weights left these parameters uninitialised: {not_loaded[:5]}"
                          f"{' ...' if len(not_loaded) > 5 else ''}")
+
+
+# --- megatron distributed checkpoints ----------------------------------------------------------------------------
+
+MODEL_METADATA_FILE = "vlmr1_model.json"
+
+
+def model_metadata(model: torch.nn.Module) -> dict:
+    """What it takes to rebuild a model that a checkpoint fits, at any TP/PP: the HF config and the megatron layout
+    choices that are not derived from TP (query groups after KV repetition, padded vocabulary)."""
+    layout = model.layout
+    return {"hf_config": model.hf_config.to_dict(), "num_query_groups": layout.num_query_groups,
+            "padded_vocab_size": layout.padded_vocab_size, "params_dtype": str(model.config.params_dtype),
+            "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+            "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size()}
+
+
+def read_model_metadata(ckpt_dir: str | os.PathLike) -> dict:
+    path = os.path.join(ckpt_dir, MODEL_METADATA_FILE)
+    if not os.path.exists(path):
+        raise ValueError(f"{ckpt_dir}: no {MODEL_METADATA_FILE} (not a checkpoint written by save_mcore_checkpoint)")
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def hf_config_from_metadata(metadata: dict) -> Any:
+    from transformers import AutoConfig
+
+    config = dict(metadata["hf_config"])
+    return AutoConfig.for_model(config.pop("model_type"), **config)
+
+
+def save_mcore_checkpoint(model_chunks: torch.nn.Module | list[torch.nn.Module], ckpt_dir: str | os.PathLike,
+                          extra_state: dict | None = None) -> None:
+    """Write the model (and ``extra_state``, any sharded state dict such as an optimizer's) as a megatron
+    distributed checkpoint. A collective over all ranks. Loadable at another TP/PP with ``load_mcore_checkpoint``."""
+    from megatron.core import dist_checkpointing
+
+    model = _single_chunk(model_chunks)
+    os.makedirs(ckpt_dir, exist_ok=True)
+    state = {"model": model.sharded_state_dict(), **(extra_state or {})}
+    dist_checkpointing.save(state, str(ckpt_dir))
+    if dist.get_rank() == 0:
+        with open(os.path.join(ckpt_dir, MODEL_METADATA_FILE), "w") as fh:
+            json.dump(model_metadata(model), fh, indent=2)
+    dist.barrier()
+
+
+def load_mcore_checkpoint(model_chunks: torch.nn.Module | list[torch.nn.Module],
+                          ckpt_dir: str | os.PathLike) -> None:
+    """Load this rank's shards of a checkpoint written by ``save_mcore_checkpoint`` (at any TP/PP) into the model."""
+    from megatron.core import dist_checkpointing
+
+    model = _single_chunk(model_chunks)
+    if not dist_checkpointing.check_is_distributed_checkpoint(str(ckpt_dir)):
+        raise ValueError(f"{ckpt_dir} is not a megatron distributed checkpoint")
+    metadata = read_model_metadata(ckpt_dir)
+    layout = model.layout
+    saved = (metadata["num_query_groups"], metadata["padded_vocab_size"])
+    if saved != (layout.num_query_groups, layout.padded_vocab_size):
+        raise ValueError(f"{ckpt_dir}: checkpoint has (num_query_groups, padded_vocab_size)={saved}, the model "
+                         f"{(layout.num_query_groups, layout.padded_vocab_size)}; build it with those values")
+    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt_dir))
+    missing, _ = model.load_state_dict(state["model"], strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing:
+        raise ValueError(f"{ckpt_dir}: checkpoint lacks {missing[:5]}")
+
+
+def build_model_for_checkpoint(ckpt_dir: str | os.PathLike, **build_kwargs: Any) -> tuple[torch.nn.Module, Any]:
+    """This stage's model shaped to fit ``ckpt_dir`` (at the current TP/PP), and its family. Weights not loaded."""
+    from megatron_vlmr1.vlm.base import get_family
+
+    metadata = read_model_metadata(ckpt_dir)
+    hf_config = hf_config_from_metadata(metadata)
+    family = get_family(hf_config)
+    dtype = getattr(torch, metadata["params_dtype"].replace("torch.", ""))
+    model = family.build_model(hf_config, pre_process=parallel_state.is_pipeline_first_stage(),
+                               post_process=parallel_state.is_pipeline_last_stage(), params_dtype=dtype,
+                               num_query_groups=metadata["num_query_groups"],
+                               make_vocab_size_divisible_by=metadata["padded_vocab_size"], **build_kwargs)
+    return model, family
