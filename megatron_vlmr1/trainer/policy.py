@@ -157,6 +157,37 @@ class ActorModel(ScoringModel):
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = self.optimizer.scale_loss if self.dtype == torch.float16 else None
 
+    def init_optimizer_state(self) -> None:
+        """Give every parameter an Adam state (step 0, zero moments) so a checkpoint can be loaded into it.
+
+        megatron's optimizer reads the Adam ``step`` out of its state when building the sharded state dict to load
+        into; before the first update that state is empty. Loading then overwrites these zeros.
+        """
+        inner = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        for megatron_optimizer in inner:
+            torch_optimizer = megatron_optimizer.optimizer
+            for group in torch_optimizer.param_groups:
+                for param in group["params"]:
+                    state = torch_optimizer.state[param]
+                    if not state:
+                        state["step"] = torch.tensor(0.0)
+                        state["exp_avg"] = torch.zeros_like(param.data)
+                        state["exp_avg_sq"] = torch.zeros_like(param.data)
+
+    def restore_adam_step(self) -> None:
+        """After loading: put the saved iteration count (kept per param group) back into each parameter's state.
+
+        megatron-core 0.16.1 restores torch Adam's moments but leaves the per-parameter ``step`` at its initial
+        value, which would change Adam's bias correction on the first update after a resume.
+        """
+        for megatron_optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            torch_optimizer = megatron_optimizer.optimizer
+            for group in torch_optimizer.param_groups:
+                if "step" not in group:
+                    continue
+                for param in group["params"]:
+                    torch_optimizer.state[param]["step"] = torch.tensor(float(group["step"]))
+
     def train_step(self, micro_batches: list[MicroBatch], token_loss: TokenLoss) -> tuple[list[dict], dict]:
         """One optimizer update over all micro-batches (gradient accumulation through the pipeline schedule)."""
         for model in self.chunks:

@@ -25,8 +25,9 @@ HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenize
             "chat_template.jinja", "video_preprocessor_config.json", "vocab.json", "merges.txt")
 
 
-# Reshardable across data-parallel sizes: a run can resume on a different number of GPUs.
-OPTIMIZER_CKPT_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
+# Reshardable across data-parallel sizes: a run can resume on a different number of GPUs. (megatron-core
+# 0.16.1's 'fully_reshardable' format cannot load torch Adam's per-parameter 'step'.)
+OPTIMIZER_CKPT_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 class TrainingSession:
@@ -125,9 +126,12 @@ class TrainingSession:
         latest = self.checkpoints.latest() if self.cfg.checkpoint.resume else None
         if latest is None:
             return 0
+        self.actor.init_optimizer_state()
         loaded = dist_checkpointing.load(self.sharded_state(is_loading=True), str(latest))
         self.actor.module.load_state_dict(loaded["model"], strict=False)
-        self.actor.optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # the optimizer copies into its fp32 main params, which are leaves requiring grad
+            self.actor.optimizer.load_state_dict(loaded["optimizer"])
+        self.actor.restore_adam_step()
         state = CheckpointManager.read_state(latest)
         self.actor.scheduler.load_state_dict(state["scheduler"])
         self.data.load_state_dict(state["data"])
