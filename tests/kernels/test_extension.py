@@ -2,6 +2,7 @@
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -63,7 +64,6 @@ def test_fallback_reports_torch_warns_once_and_matches(monkeypatch):
         lp, ent = fused_logprob(leaf, targets, return_entropy=True)
     torch.testing.assert_close(lp, want_lp, atol=1e-5, rtol=0)
     torch.testing.assert_close(ent, want_ent, atol=1e-5, rtol=0)
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the second use must not warn again
         (lp - ent).sum().backward()

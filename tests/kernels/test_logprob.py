@@ -186,3 +186,14 @@ def test_tp2_matches_unsharded(dtype):
         torch.testing.assert_close(grad, ref[2], atol=FP32_ATOL, rtol=0)
     else:
         torch.testing.assert_close(grad, ref[2])
+
+
+def test_no_tokens_and_single_unbatched_token():
+    empty = torch.zeros(0, 50, requires_grad=True)
+    lp = fused_logprob(empty, torch.zeros(0, dtype=torch.long))
+    lp.sum().backward()
+    assert lp.shape == (0,) and empty.grad.shape == (0, 50)
+    logits, _, _, _ = make_case((), 50, seed=8)
+    ours, ref = run_both(logits, torch.tensor(3), torch.tensor(1.0), torch.tensor(0.5))
+    for got, want in zip(ours, ref):
+        torch.testing.assert_close(got, want, atol=FP32_ATOL, rtol=0)
