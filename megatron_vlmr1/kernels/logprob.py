@@ -73,6 +73,7 @@ class _FusedLogProb(torch.autograd.Function):
         ctx.ignore_index = ignore_index
         ctx.inplace_backward = inplace_backward
         ctx.logits_shape = logits.shape
+        ctx.set_materialize_grads(False)  # an unused entropy output then comes back as None, not a zeros tensor
         return logprob.view(targets.shape), entropy.view(targets.shape)
 
     @staticmethod
