@@ -152,7 +152,10 @@ def mcore_to_hf(args: argparse.Namespace) -> float:
     _init(args.tp, args.pp)
     model, family = build_model_for_checkpoint(args.mcore, perform_initialization=False)
     load_mcore_checkpoint(model, args.mcore)
-    writer = ShardedSafetensorsWriter(args.out, args.max_shard_mb * 2**20) if dist.get_rank() == 0 else None
+    writer = None
+    if dist.get_rank() == 0:
+        os.makedirs(args.out, exist_ok=True)
+        writer = ShardedSafetensorsWriter(args.out, args.max_shard_mb * 2**20)
     for name, tensor in export_hf_weights(model, family):
         if writer is not None:
             writer.add(name, tensor)
@@ -252,7 +255,6 @@ def main(argv: list[str] | None = None) -> None:
             validate_hf_dir(args.hf)
         else:
             validate_mcore_dir(args.mcore)
-            os.makedirs(args.out, exist_ok=True)
     except ValueError as err:
         sys.exit(f"convert_checkpoint.py {args.command}: error: {err}")
     peaks = launch(args.command, args)

@@ -30,60 +30,89 @@ def _convert(*argv: str) -> str:
 def _assert_same_tensors(original: Path, converted: Path) -> None:
     from safetensors.torch import load_file
 
-    expected, actual = load_file(str(original / "model.safetensors")), load_file(str(converted / "model.safetensors"))
+    expected = load_file(str(original / "model.safetensors"))
+    actual = {k: v for file in sorted(converted.glob("*.safetensors")) for k, v in load_file(str(file)).items()}
     assert sorted(actual) == sorted(expected)
     for name, tensor in expected.items():
         assert actual[name].dtype == tensor.dtype and torch.equal(actual[name], tensor), name
 
 
-@pytest.fixture(scope="module")
-def tp2_checkpoint(tiny_qwen2_5_vl, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("mcore_tp2") / "ckpt"
-    stdout = _convert("hf-to-mcore", "--hf", str(tiny_qwen2_5_vl), "--out", str(out), "--tp", "2")
-    assert "peak RSS per rank" in stdout
-    return out
+def _args(**kwargs):
+    import argparse
+
+    defaults = dict(tp=1, pp=1, hf_template=None, max_shard_mb=4096)
+    return argparse.Namespace(**{**defaults, **kwargs})
 
 
-def test_hf_mcore_hf_round_trip_is_bit_exact(tiny_qwen2_5_vl, tp2_checkpoint, tmp_path):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def _conversions_worker(rank: int, world_size: int, hf_dir: str, tied_dir: str, out: str, batch: dict) -> dict:
+    """Every conversion in one 2-rank launch (spawning dominates the cost here)."""
+    from megatron.core import parallel_state
 
-    out = tmp_path / "hf"
-    _convert("mcore-to-hf", "--mcore", str(tp2_checkpoint), "--out", str(out))
-    _assert_same_tensors(tiny_qwen2_5_vl, out)
-    model = AutoModelForImageTextToText.from_pretrained(out)
-    original = AutoModelForImageTextToText.from_pretrained(tiny_qwen2_5_vl)
-    for (name, a), (_, b) in zip(model.state_dict().items(), original.state_dict().items(), strict=True):
-        assert torch.equal(a, b), name
-    assert AutoProcessor.from_pretrained(out).tokenizer.vocab == AutoProcessor.from_pretrained(tiny_qwen2_5_vl).tokenizer.vocab
-
-
-def _tp1_logits_worker(rank: int, world_size: int, ckpt: str, batch: dict) -> torch.Tensor:
     from megatron_vlmr1.vlm.export import build_model_for_checkpoint, load_mcore_checkpoint
 
+    ckpt = os.path.join(out, "mcore_tp2")
+    convert_checkpoint.hf_to_mcore(_args(hf=hf_dir, out=ckpt, tp=2))
+    # The TP=2 checkpoint at TP=1 (two data-parallel replicas): logits, then back to HF.
     helpers.setup(1, 1)
     model, _ = build_model_for_checkpoint(ckpt)
     load_mcore_checkpoint(model, ckpt)
     model.eval()
     with torch.no_grad():
-        return model(batch["input_ids"], batch["position_ids"], batch["attention_mask"], batch["pixel_values"],
-                     batch["image_grid_thw"])
+        logits = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"], batch["pixel_values"],
+                       batch["image_grid_thw"])
+    parallel_state.destroy_model_parallel()
+    convert_checkpoint.mcore_to_hf(_args(mcore=ckpt, out=os.path.join(out, "hf_tp1"), max_shard_mb=1))
+    # Tied embeddings split over two pipeline stages (the last stage holds its own copy of the embedding).
+    tied_ckpt = os.path.join(out, "mcore_tied_pp2")
+    convert_checkpoint.hf_to_mcore(_args(hf=tied_dir, out=tied_ckpt, pp=2))
+    convert_checkpoint.mcore_to_hf(_args(mcore=tied_ckpt, out=os.path.join(out, "hf_tied"), pp=2,
+                                         hf_template=tied_dir))
+    return {"logits": logits}
 
 
-def test_tp2_checkpoint_at_tp1_gives_transformers_logits(tiny_qwen2_5_vl, tp2_checkpoint):
+@pytest.fixture(scope="module")
+def conversions(tiny_qwen2_5_vl, tmp_path_factory):
+    out = tmp_path_factory.mktemp("conversions")
+    tied = make_tiny_model("qwen2_5_vl", out / "tied_src", seed=1, tie_embeddings=True)
     reference = helpers.hf_reference(tiny_qwen2_5_vl, "left")
     batch = {k: v for k, v in reference.items() if k != "logits"}
-    (logits,) = run_distributed(_tp1_logits_worker, 1, str(tp2_checkpoint), batch)
+    results = run_distributed(_conversions_worker, 2, str(tiny_qwen2_5_vl), str(tied), str(out), batch)
+    return {"out": out, "tied_src": tied, "reference": reference, "results": results}
+
+
+def test_hf_mcore_hf_round_trip_is_bit_exact(tiny_qwen2_5_vl, conversions):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    out = conversions["out"] / "hf_tp1"
+    # max_shard_mb=1 forces several safetensors files plus an index, as transformers writes for big models.
+    assert (out / "model.safetensors.index.json").exists()
+    _assert_same_tensors(tiny_qwen2_5_vl, out)
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    original = AutoModelForImageTextToText.from_pretrained(tiny_qwen2_5_vl)
+    assert model.state_dict().keys() == original.state_dict().keys()
+    for name, tensor in original.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    processor, original_processor = AutoProcessor.from_pretrained(out), AutoProcessor.from_pretrained(tiny_qwen2_5_vl)
+    assert processor.tokenizer.get_vocab() == original_processor.tokenizer.get_vocab()
+
+
+def test_tp2_checkpoint_at_tp1_gives_transformers_logits(conversions):
+    reference = conversions["reference"]
     mask = reference["attention_mask"].bool()
-    assert logits.shape == reference["logits"].shape
-    assert (logits[mask] - reference["logits"][mask]).abs().max().item() <= 1e-4
+    for result in conversions["results"]:
+        logits = result["logits"]
+        assert logits.shape == reference["logits"].shape
+        assert (logits[mask] - reference["logits"][mask]).abs().max().item() <= 1e-4
 
 
-def test_tied_embeddings_round_trip_at_pp2(tmp_path):
-    hf_dir = make_tiny_model("qwen2_5_vl", tmp_path / "tied", seed=1, tie_embeddings=True)
-    _convert("hf-to-mcore", "--hf", str(hf_dir), "--out", str(tmp_path / "mcore"), "--pp", "2")
-    _convert("mcore-to-hf", "--mcore", str(tmp_path / "mcore"), "--out", str(tmp_path / "back"), "--pp", "2",
-             "--hf-template", str(hf_dir))
-    _assert_same_tensors(hf_dir, tmp_path / "back")
+def test_tied_embeddings_round_trip_at_pp2(conversions):
+    _assert_same_tensors(conversions["tied_src"], conversions["out"] / "hf_tied")
+
+
+def test_cli_mcore_to_hf_is_bit_exact(tiny_qwen2_5_vl, conversions, tmp_path):
+    stdout = _convert("mcore-to-hf", "--mcore", str(conversions["out"] / "mcore_tp2"), "--out", str(tmp_path))
+    assert "peak RSS per rank" in stdout
+    _assert_same_tensors(tiny_qwen2_5_vl, tmp_path)
 
 
 def _expect_error(argv: list[str], message: str) -> None:
