@@ -1,5 +1,7 @@
 """fused_logprob against the log_softmax + gather reference: values, gradients, TP=2, edge cases."""
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import torch.distributed as dist
 
@@ -197,3 +199,17 @@ def test_no_tokens_and_single_unbatched_token():
     ours, ref = run_both(logits, torch.tensor(3), torch.tensor(1.0), torch.tensor(0.5))
     for got, want in zip(ours, ref):
         torch.testing.assert_close(got, want, atol=FP32_ATOL, rtol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(tokens=st.integers(1, 4), vocab=st.integers(1, 4500), temperature=st.floats(0.25, 4.0),
+       scale=st.sampled_from([0.1, 5.0, 300.0]), pad=st.integers(0, 3), seed=st.integers(0, 2 ** 16))
+def test_random_shapes_match_reference(tokens, vocab, temperature, scale, pad, seed):
+    logits, targets, grad_lp, grad_ent = make_case((tokens,), vocab, scale=scale, seed=seed)
+    if pad and vocab > pad:  # padded vocabulary columns, never the target
+        logits[:, -pad:] = float("-inf")
+        targets = targets % (vocab - pad)
+    ours, ref = run_both(logits, targets, grad_lp, grad_ent, temperature=temperature)
+    # rtol 1e-6 (a few fp32 ulps) on top of 1e-5 abs: log-probs reach -1e4 here, where one ulp is ~1e-3.
+    for got, want in zip(ours, ref):
+        torch.testing.assert_close(got, want, atol=FP32_ATOL, rtol=1e-6)
