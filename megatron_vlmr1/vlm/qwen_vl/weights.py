@@ -69,12 +69,12 @@ def make_layout(hf_config: Any, tp_size: int = 1, num_query_groups: int | None =
     text = hf_config_text(hf_config)
     num_heads = text.num_attention_heads
     num_kv_heads = text.num_key_value_heads or num_heads
+    if num_heads % tp_size:
+        raise ValueError(f"num_attention_heads={num_heads} is not divisible by TP size {tp_size}")
     groups = num_query_groups or default_query_groups(num_kv_heads, tp_size)
     if groups % num_kv_heads or num_heads % groups or groups % tp_size:
         raise ValueError(f"num_query_groups={groups} must be a multiple of num_key_value_heads={num_kv_heads}, "
                          f"divide num_attention_heads={num_heads}, and be a multiple of TP size {tp_size}")
-    if num_heads % tp_size:
-        raise ValueError(f"num_attention_heads={num_heads} is not divisible by TP size {tp_size}")
     return QwenLayout(
         num_layers=text.num_hidden_layers, hidden_size=text.hidden_size, num_heads=num_heads,
         num_kv_heads=num_kv_heads, num_query_groups=groups,
