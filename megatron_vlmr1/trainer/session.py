@@ -106,6 +106,7 @@ class TrainingSession:
     # -- checkpoints -------------------------------------------------------------------------------------------
     def sharded_state(self, is_loading: bool = False) -> dict:
         module = self.actor.module
+        self.actor.init_optimizer_state()  # no update yet (e.g. every group skipped): megatron needs a state
         model_sd = module.sharded_state_dict(prefix="model.")
         return {"model": model_sd,
                 "optimizer": self.actor.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIMIZER_CKPT_FORMAT)}
@@ -126,7 +127,6 @@ class TrainingSession:
         latest = self.checkpoints.latest() if self.cfg.checkpoint.resume else None
         if latest is None:
             return 0
-        self.actor.init_optimizer_state()
         loaded = dist_checkpointing.load(self.sharded_state(is_loading=True), str(latest))
         self.actor.module.load_state_dict(loaded["model"], strict=False)
         with torch.no_grad():  # the optimizer copies into its fp32 main params, which are leaves requiring grad
