@@ -1,10 +1,14 @@
-"""Evaluation config: which splits, which task, where predictions come from, where the report goes."""
+"""Evaluation config: which splits, which task, where predictions come from (a file or a model), where the report goes."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
 
+from megatron_vlmr1.data.templates import question_template
 from megatron_vlmr1.rewards.boxes import BOX_SPACES
+
+ENGINES = ("hf", "vllm")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -28,11 +32,68 @@ class SplitConfig:
 
 
 @dataclass
+class EvalModelConfig:
+    """The model that answers when no predictions file is given: an HF checkpoint run by a rollout engine.
+
+    ``path``: an HF checkpoint directory, e.g. a training run's ``OUTPUT_DIR/hf`` export. Decoding is greedy
+    (``temperature`` 0) by default, so an evaluation is deterministic. Prompts are worded as the training data loader
+    words them: ``task`` names the question template (``rec``, ``ovd`` = ``odLength``, ``default``, ``ic``; empty:
+    the evaluation's own task), ``template`` / ``system_prompt`` override it exactly as ``data.template`` /
+    ``data.system_prompt`` do in training; a data line's own ``task`` key still wins, as in training.
+    ``kv_cache_gb`` / ``gpu_memory_utilization`` only concern vLLM.
+    """
+
+    path: str | None = None
+    engine: Literal["hf", "vllm"] = "hf"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    seed: int = 0
+    stop: list[str] = field(default_factory=list)
+    max_model_len: int = 4096
+    task: str | None = None
+    template: str | None = None
+    system_prompt: str | None = None
+    kv_cache_gb: int = 1
+    gpu_memory_utilization: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.path is not None and (not isinstance(self.path, str) or not self.path):
+            raise ValueError(f"eval: 'model.path' must be an HF checkpoint directory, got {self.path!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"eval: 'model.engine' must be one of {list(ENGINES)}, got {self.engine!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"eval: 'model.dtype' must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"eval: 'model.max_new_tokens' must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"eval: 'model.temperature' must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.seed < 0:
+            raise ValueError(f"eval: 'model.seed' must be >= 0, got {self.seed}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"eval: 'model.stop' must be a list of non-empty strings, got {self.stop!r}")
+        if self.max_model_len < 2:
+            raise ValueError(f"eval: 'model.max_model_len' must be >= 2, got {self.max_model_len}")
+        if self.task is not None:
+            try:
+                question_template(self.task)
+            except ValueError as err:
+                raise ValueError(f"eval: 'model.task': {err}") from None
+        if self.template is not None and "{Question}" not in self.template:
+            raise ValueError(f"eval: 'model.template' must contain '{{Question}}', got {self.template!r}")
+        if self.kv_cache_gb < 1:
+            raise ValueError(f"eval: 'model.kv_cache_gb' must be >= 1, got {self.kv_cache_gb}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"eval: 'model.gpu_memory_utilization' must be in (0, 1], got {self.gpu_memory_utilization}")
+
+
+@dataclass
 class EvalConfig:
     """``task``: ``rec`` (accuracy at IoU > ``iou_threshold``) or ``ovd`` (COCO mAP / AP50, greedy P/R at IoU 0.5).
 
     ``predictions``: jsonl with ``id``, ``completion`` and optional ``split`` / ``image_size`` / ``resized_size``;
-    without it, completions come from a ``generate`` callable (model inference, wired by the caller).
+    without it, the command line runs ``model`` and writes ``predictions.jsonl`` beside ``output`` (library callers
+    may pass a ``generate`` callable instead). ``batch_size``: prompts per generation call (and engine batch).
     ``box_space``: coordinate space of predicted REC boxes (see ``megatron_vlmr1.rewards.boxes``).
     """
 
@@ -43,6 +104,7 @@ class EvalConfig:
     iou_threshold: float = 0.5
     box_space: Literal["abs", "resized", "norm1000"] = "abs"
     batch_size: int = 8
+    model: EvalModelConfig = field(default_factory=EvalModelConfig)
 
     def __post_init__(self) -> None:
         if self.task not in ("rec", "ovd"):

@@ -1,12 +1,14 @@
 """``python -m megatron_vlmr1 eval --config FILE [--predictions FILE] [--output FILE] [key=value ...]``.
 
 Scores completions on REC / OVD splits and writes a byte-reproducible JSON report plus a short table. Completions
-come from a predictions file, or from a ``generate(samples) -> completions`` callable that the caller supplies
-(model inference: the trainer / rollout engine plugs in there; this module never imports a model).
+come from a predictions file; without one, the command line runs the configured model (``eval.generate``), writes
+its completions as ``predictions.jsonl`` beside the report and scores that file. Library callers may instead pass
+a ``generate(records) -> completions`` callable to ``evaluate``.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Any, Callable, Sequence
 
@@ -106,7 +108,8 @@ def format_table(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None, generate: Generate | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_vlmr1 eval", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML with the eval settings (or a run YAML with an 'eval:' section)")
-    parser.add_argument("--predictions", help="jsonl of {id, completion[, split, image_size, resized_size]}")
+    parser.add_argument("--predictions", help="jsonl of {id, completion[, split, image_size, resized_size]}; "
+                        "without it the config's 'model' generates them")
     parser.add_argument("--output", help="where to write the JSON report (default: the config's 'output')")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. iou_threshold=0.7")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -117,6 +120,11 @@ def main(argv: list[str] | None = None, generate: Generate | None = None) -> int
         overrides.append(f"output={args.output}")
     try:
         cfg = load_eval_config(args.config, overrides)
+        if cfg.predictions is None and generate is None:
+            from megatron_vlmr1.eval.generate import generate_predictions_file
+
+            cfg = dataclasses.replace(cfg, predictions=str(generate_predictions_file(cfg)))
+            print(f"predictions: {cfg.predictions}")
         report = evaluate(cfg, generate)
         write_report(report, cfg.output)
     except ValueError as err:
