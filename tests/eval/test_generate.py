@@ -219,3 +219,21 @@ def test_bad_model_config_is_a_clear_error(rec_data, tmp_path, capsys, model, me
         cfg = load_eval_config(config)
         generate_predictions_file(cfg)
     assert not (tmp_path / PREDICTIONS_FILE).exists()
+
+
+@pytest.mark.slow
+def test_vllm_engine_predictions_equal_the_transformers_engines(tiny_qwen2_5_vl, rec_data, tmp_path):
+    """Greedy decoding is engine-independent: the vLLM run writes the same predictions file, byte for byte."""
+    import subprocess
+    import sys
+
+    root, paths = rec_data
+    config = write_config(tmp_path / "eval.yaml", {
+        "task": "rec", "splits": [{"name": "test", "data": str(paths["test"])}], "batch_size": 2,
+        "model": {"path": str(tiny_qwen2_5_vl), "max_new_tokens": 6, "max_model_len": 1024}})
+    assert main(["--config", config, "model.engine=hf", f"output={tmp_path / 'hf' / 'report.json'}"]) == 0
+    result = subprocess.run([sys.executable, "-m", "megatron_vlmr1", "eval", "--config", config, "model.engine=vllm",
+                             f"output={tmp_path / 'vllm' / 'report.json'}"],
+                            cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert (tmp_path / "vllm" / PREDICTIONS_FILE).read_bytes() == (tmp_path / "hf" / PREDICTIONS_FILE).read_bytes()
