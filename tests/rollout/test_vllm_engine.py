@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from megatron_vlmr1.rollout.base import SamplingConfig
 from megatron_vlmr1.rollout.hf import HFRolloutEngine
@@ -77,6 +78,19 @@ def test_greedy_equals_transformers_engine_before_and_after_weight_sync(vllm_run
     assert (_logprobs(before) - _logprobs(after)).abs().max() > 0.1
     for dumped, result in zip(vllm_run["greedy_after"], after):
         assert dumped["prompt_ids"] == result.prompt_ids
+
+
+def test_partial_sync_of_the_vision_tower(vllm_run, old_weights, new_weights):
+    engine = HFRolloutEngine.from_pretrained(new_weights)
+    old_vision = {k: v for k, v in load_file(old_weights / "model.safetensors").items() if k.startswith("visual.")}
+    engine.update_weights(old_vision.items())
+    expected = engine.generate(_requests(), SamplingConfig(n=2, temperature=0, max_new_tokens=8))
+    assert _ids(vllm_run["greedy_partial"]) == _hf_ids(expected)
+    torch.testing.assert_close(_logprobs(vllm_run["greedy_partial"]), _logprobs(expected), atol=1e-3, rtol=0)
+    image_rows = [0, 2]  # requests with images changed; the text-only one did not
+    changed = [(_logprobs(vllm_run["greedy_partial"][i:i + 1]) - _logprobs(vllm_run["greedy_after"][i:i + 1]))
+               .abs().max().item() for i in range(3)]
+    assert all(changed[i] > 1e-3 for i in image_rows) and changed[1] < 1e-5
 
 
 def test_sampled_logprobs_match_a_recomputed_forward(vllm_run, new_weights):

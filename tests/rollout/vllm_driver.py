@@ -45,6 +45,10 @@ def main(model_dir: str, new_weights_dir: str, out_path: str) -> None:
     out["stop_string"] = stop
     out["stopped"] = _dump(engine.generate(_requests()[1:2], SamplingConfig(temperature=0, max_new_tokens=8,
                                                                              stop=[stop])))
+    # A partial sync (vision tower only, back to the old weights) leaves every other weight as it was.
+    old_vision = {k: v for k, v in load_file(f"{model_dir}/model.safetensors").items() if k.startswith("visual.")}
+    engine.update_weights(iter(old_vision.items()))
+    out["greedy_partial"] = _dump(engine.generate(_requests(), greedy))
     with open(out_path, "w") as fh:
         json.dump(out, fh)
 
