@@ -1,4 +1,4 @@
-"""Evaluation config: which splits, which task, where predictions come from (a file or a model), where the report goes."""
+"""Evaluation config: which splits and task, where predictions come from (a file or a model), where reports go."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -84,7 +84,8 @@ class EvalModelConfig:
         if self.kv_cache_gb < 1:
             raise ValueError(f"eval: 'model.kv_cache_gb' must be >= 1, got {self.kv_cache_gb}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"eval: 'model.gpu_memory_utilization' must be in (0, 1], got {self.gpu_memory_utilization}")
+            raise ValueError(f"eval: 'model.gpu_memory_utilization' must be in (0, 1], "
+                             f"got {self.gpu_memory_utilization}")
 
 
 @dataclass
