@@ -56,32 +56,24 @@ def _free_port() -> int:
 
 
 def init_parallel(cfg: ParallelConfig, seed: int) -> ParallelEnv:
-    """Initialise (or reuse) the default process group and megatron's model-parallel groups."""
-    from megatron.core import parallel_state, tensor_parallel
+    """Initialise (or reuse) the default process group, then megatron's model-parallel groups."""
+    from megatron.core import parallel_state
+
+    from megatron_vlmr1 import parallel
 
     device = resolve_device(cfg.device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
     owns = not dist.is_initialized()
     if owns:
+        backend = "nccl" if device.type == "cuda" else "gloo"
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             dist.init_process_group(backend, init_method="env://")
         else:
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    world_size = dist.get_world_size()
-    if world_size % (cfg.tp * cfg.pp):
-        raise ValueError(f"world size {world_size} is not divisible by parallel.tp * parallel.pp = {cfg.tp * cfg.pp}")
-    if device.type == "cpu":
-        from megatron_vlmr1.mcore_cpu import enable_cpu_mode
-
-        enable_cpu_mode()
-    else:
+    if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count())))
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=cfg.tp,
-                                                 pipeline_model_parallel_size=cfg.pp)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    parallel.initialize_parallel(parallel.ParallelConfig(cfg.tp, cfg.pp, seed), device)
     return ParallelEnv(
-        rank=dist.get_rank(), world_size=world_size, device=device, tp=cfg.tp, pp=cfg.pp,
+        rank=dist.get_rank(), world_size=dist.get_world_size(), device=device, tp=cfg.tp, pp=cfg.pp,
         dp=parallel_state.get_data_parallel_world_size(),
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
@@ -90,9 +82,9 @@ def init_parallel(cfg: ParallelConfig, seed: int) -> ParallelEnv:
 
 
 def teardown_parallel(env: ParallelEnv) -> None:
-    from megatron.core import parallel_state
+    from megatron_vlmr1.parallel import destroy_parallel
 
-    parallel_state.destroy_model_parallel()
+    destroy_parallel()
     if env.owns_process_group and dist.is_initialized():
         dist.destroy_process_group()
 
