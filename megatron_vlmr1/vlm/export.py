@@ -20,6 +20,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_vlmr1.vlm.base import VLMFamily, WeightSpec, owning_pp_rank, shift_layer_index, tp_merge, tp_split
+from megatron_vlmr1.vlm.lora import merged_parameter
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -95,6 +96,7 @@ def export_hf_weights(model_chunks: torch.nn.Module | list[torch.nn.Module], fam
                       dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, full_tensor)`` for every HF weight, on every rank, in the family's order.
 
+    LoRA-adapted linears yield their merged weight ``W + scale * B @ A`` (the base stays untouched).
     A collective: all ranks of the model-parallel group must iterate it to the end together. ``dtype`` casts the
     yielded tensors (e.g. bf16 for vLLM); None keeps the model's dtype. Tensors are fresh copies (callers may keep
     them), on the CPU when the model is.
@@ -113,7 +115,7 @@ def export_hf_weights(model_chunks: torch.nn.Module | list[torch.nn.Module], fam
                 local = shift_layer_index(spec.mcore_name, -offset)
                 if local not in params:
                     raise ValueError(f"model has no parameter {local} (global {spec.mcore_name}); wrong family?")
-                full[i] = _gather_tp(local, params[local])
+                full[i] = _gather_tp(local, merged_parameter(model, local, params[local]))
         if pp_size > 1:
             meta = [[(t.shape, t.dtype) for t in full] if owner == pp_rank else None]
             dist.broadcast_object_list(meta, src=pp_ranks[owner], group=pp_group)
