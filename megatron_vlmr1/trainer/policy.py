@@ -62,8 +62,10 @@ class ScoringModel:
         self.env = env
         self.family = family
         self.dtype = DTYPES[model_cfg.dtype]
+        # LoRA hooks need each linear's own input, which Transformer Engine's LayerNorm-fused linears do not expose
+        backend = "local" if model_cfg.train_mode == "lora" else default_backend(env.device)
         model = family.build_model(hf_config, pre_process=env.is_first_stage, post_process=env.is_last_stage,
-                                   params_dtype=self.dtype, backend=default_backend(env.device))
+                                   params_dtype=self.dtype, backend=backend)
         model.to(env.device)
         load_hf_weights(model, family, hf_path)
         self.chunks: list[torch.nn.Module] = [model]
@@ -209,4 +211,7 @@ def apply_train_mode(model: torch.nn.Module, model_cfg: ModelConfig) -> None:
         if visual is not None:
             visual.requires_grad_(False)
     elif model_cfg.train_mode == "lora":
-        raise ValueError("model.train_mode=lora is not available yet; use full or freeze_vision")
+        from megatron_vlmr1.vlm.lora import apply_lora
+
+        apply_lora(model, rank=model_cfg.lora_rank, alpha=model_cfg.lora_alpha, dropout=model_cfg.lora_dropout,
+                   targets=model_cfg.lora_targets)
