@@ -34,7 +34,6 @@ class ParallelConfig:
     pp: int = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
     distributed_optimizer: bool = True
-    sequence_parallel: bool = False
 
     def __post_init__(self):
         for key in ("tp", "pp"):

@@ -5,6 +5,7 @@ preemption, and exports HF weights at the end.
 """
 from __future__ import annotations
 
+import abc
 import shutil
 import signal
 import time
@@ -30,7 +31,7 @@ HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenize
 OPTIMIZER_CKPT_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
-class TrainingSession:
+class TrainingSession(abc.ABC):
     def __init__(self, cfg: Any, prompts_per_step: int):
         from transformers import AutoConfig
 
@@ -159,8 +160,9 @@ class TrainingSession:
         dist.barrier()
 
     # -- the loop ----------------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def step(self, step: int) -> dict:
-        raise NotImplementedError("a TrainingSession subclass defines its step")
+        """One training step; returns its metrics."""
 
     def fit(self) -> None:
         from tqdm import tqdm
