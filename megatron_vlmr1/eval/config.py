@@ -9,6 +9,7 @@ from megatron_vlmr1.rewards.boxes import BOX_SPACES
 
 ENGINES = ("hf", "vllm")
 DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -40,12 +41,14 @@ class EvalModelConfig:
     words them: ``task`` names the question template (``rec``, ``ovd`` = ``odLength``, ``default``, ``ic``; empty:
     the evaluation's own task), ``template`` / ``system_prompt`` override it exactly as ``data.template`` /
     ``data.system_prompt`` do in training; a data line's own ``task`` key still wins, as in training.
+    ``device`` places the transformers engine's model (``auto``: CUDA when available); vLLM picks its own device.
     ``kv_cache_gb`` / ``gpu_memory_utilization`` only concern vLLM.
     """
 
     path: str | None = None
     engine: Literal["hf", "vllm"] = "hf"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     max_new_tokens: int = 256
     temperature: float = 0.0
     seed: int = 0
@@ -64,6 +67,8 @@ class EvalModelConfig:
             raise ValueError(f"eval: 'model.engine' must be one of {list(ENGINES)}, got {self.engine!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"eval: 'model.dtype' must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"eval: 'model.device' must be one of {list(DEVICES)}, got {self.device!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"eval: 'model.max_new_tokens' must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:

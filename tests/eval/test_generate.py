@@ -204,6 +204,7 @@ def test_tiny_model_eval_end_to_end_is_reproducible_and_rescorable(tiny_qwen2_5_
     ({"path": "/nonexistent/ckpt"}, "not an HF checkpoint directory"),
     ({"path": "x", "engine": "sglang"}, "config key 'model.engine': 'sglang' is not one of \\['hf', 'vllm'\\]"),
     ({"path": "x", "dtype": "int8"}, "config key 'model.dtype'"),
+    ({"path": "x", "device": "tpu"}, "config key 'model.device'"),
     ({"path": "x", "max_new_tokens": 0}, "'model.max_new_tokens' must be >= 1"),
     ({"path": "x", "task": "caption"}, "'model.task': unknown task 'caption'"),
     ({"path": "x", "template": "no slot"}, "'model.template' must contain"),
@@ -219,6 +220,20 @@ def test_bad_model_config_is_a_clear_error(rec_data, tmp_path, capsys, model, me
         cfg = load_eval_config(config)
         generate_predictions_file(cfg)
     assert not (tmp_path / PREDICTIONS_FILE).exists()
+
+
+def test_device_auto_follows_cuda_and_explicit_cuda_needs_it(tiny_qwen2_5_vl, rec_data, tmp_path, monkeypatch):
+    import torch
+
+    from megatron_vlmr1.eval.generate import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert (resolve_device("auto"), resolve_device("cuda"), resolve_device("cpu")) == ("cuda", "cuda", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    cfg = rec_config(rec_data, tmp_path, path=str(tiny_qwen2_5_vl), device="cuda")
+    with pytest.raises(ValueError, match="'model.device' is 'cuda' but CUDA is not available"):
+        generate_predictions_file(cfg)
 
 
 @pytest.mark.slow
