@@ -66,6 +66,7 @@ def _check_logits(results: list[dict], references: list[dict], tp: int, pp: int)
                 assert full.shape == ref["logits"].shape
             else:
                 assert shard.shape[-1] == 2048 // tp
+                assert full.shape[-1] == 2048
                 assert torch.isneginf(full[..., vocab:]).all()
                 assert torch.isfinite(full[..., :vocab]).all()
             diff = (full[..., :vocab][mask] - ref["logits"][mask]).abs().max().item()
@@ -123,3 +124,14 @@ def test_qwen2_vl_logits_match_transformers(tiny_qwen2_vl):
     results = run_distributed(_worker, 4, str(tiny_qwen2_vl), [(2, 2)], batches, False)
     _check_logits(results, references, 2, 2)
     _check_export(results, tiny_qwen2_vl)
+
+
+def test_tp4_logits_match_transformers(tmp_path):
+    """TP=4 needs 4 query heads; 2 KV heads are repeated to one query group per TP rank."""
+    from tools.make_tiny_model import make_tiny_model
+
+    hf_dir = make_tiny_model("qwen2_5_vl", tmp_path / "heads4", seed=2, num_heads=4, num_kv_heads=2)
+    references = [helpers.hf_reference(hf_dir, "right")]
+    batches = [{k: v for k, v in ref.items() if k != "logits"} for ref in references]
+    results = run_distributed(_worker, 4, str(hf_dir), [(4, 1)], batches, False)
+    _check_logits(results, references, 4, 1)
