@@ -12,6 +12,7 @@ exactly the prompt vLLM sampled from. Log-probs use vLLM's ``raw_logprobs`` mode
 """
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -111,14 +112,15 @@ class VLLMRolloutEngine(RolloutEngine):
             if count_images(request.messages) > self.max_images_per_prompt:
                 raise ValueError(f"request {index}: {count_images(request.messages)} images, the engine allows "
                                  f"{self.max_images_per_prompt} (rollout.max_images_per_prompt)")
-            prompt = encode_prompt(self.processor, request.messages, request.images)
+            images = [load_image(image) for image in request.images]
+            prompt = encode_prompt(self.processor, request.messages, images)
             self.check_prompt_length(index, len(prompt.input_ids))
             prompts.append(prompt)
             template_ids = self.processor.tokenizer(render_prompt(self.processor, request.messages),
                                                     add_special_tokens=False)["input_ids"]
             item: dict[str, Any] = {"prompt_token_ids": template_ids}
-            if request.images:
-                item["multi_modal_data"] = {"image": [load_image(image) for image in request.images]}
+            if images:
+                item["multi_modal_data"] = {"image": images}
             vllm_inputs.append(item)
         outputs = self.llm.generate(vllm_inputs, vllm_sampling_params(sampling, self.eos_token_ids, self.banned_ids),
                                     use_tqdm=False)
@@ -129,7 +131,7 @@ class VLLMRolloutEngine(RolloutEngine):
                                    f"tokens, encode_prompt to {len(prompt.input_ids)}; image processing differs")
             completions = [self._completion(sample) for sample in sorted(output.outputs, key=lambda s: s.index)]
             if sampling.greedy:
-                completions = [completions[0]] * sampling.n
+                completions = [copy.deepcopy(completions[0]) for _ in range(sampling.n)]
             results.append(RolloutResult(prompt.input_ids, completions, prompt.images))
         return results
 
