@@ -291,6 +291,27 @@ def load_mcore_checkpoint(model_chunks: torch.nn.Module | list[torch.nn.Module],
         raise ValueError(f"{ckpt_dir}: checkpoint lacks {missing[:5]}")
 
 
+def build_model_from_hf(hf_dir: str | os.PathLike, load_weights: bool = True,
+                        **build_kwargs: Any) -> tuple[torch.nn.Module, Any]:
+    """This stage's model for a HF checkpoint directory (current TP/PP), with its weights loaded, and its family.
+
+    ``build_kwargs`` go to ``family.build_model`` (``params_dtype``, ``backend``, ``make_vocab_size_divisible_by``,
+    TransformerConfig overrides such as ``recompute_granularity``).
+    """
+    from transformers import AutoConfig
+
+    from megatron_vlmr1.vlm.base import get_family
+
+    hf_config = AutoConfig.from_pretrained(hf_dir)
+    family = get_family(hf_config)
+    model = family.build_model(hf_config, pre_process=parallel_state.is_pipeline_first_stage(),
+                               post_process=parallel_state.is_pipeline_last_stage(),
+                               **({"perform_initialization": False} if load_weights else {}), **build_kwargs)
+    if load_weights:
+        load_hf_weights(model, family, hf_dir)
+    return model, family
+
+
 def build_model_for_checkpoint(ckpt_dir: str | os.PathLike, **build_kwargs: Any) -> tuple[torch.nn.Module, Any]:
     """This stage's model shaped to fit ``ckpt_dir`` (at the current TP/PP), and its family. Weights not loaded."""
     from megatron_vlmr1.vlm.base import get_family

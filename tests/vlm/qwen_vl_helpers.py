@@ -56,19 +56,9 @@ def setup(tp: int, pp: int) -> None:
 
 
 def build_loaded(hf_dir: str, num_query_groups: int | None = None):
-    from megatron.core import parallel_state
-    from transformers import AutoConfig
+    from megatron_vlmr1.vlm.export import build_model_from_hf
 
-    from megatron_vlmr1.vlm.base import get_family
-    from megatron_vlmr1.vlm.export import load_hf_weights
-
-    hf_config = AutoConfig.from_pretrained(hf_dir)
-    family = get_family(hf_config)
-    model = family.build_model(hf_config, pre_process=parallel_state.is_pipeline_first_stage(),
-                               post_process=parallel_state.is_pipeline_last_stage(),
-                               num_query_groups=num_query_groups, make_vocab_size_divisible_by=DIVISIBLE_BY)
-    load_hf_weights(model, family, hf_dir)
-    return model, family
+    return build_model_from_hf(hf_dir, num_query_groups=num_query_groups, make_vocab_size_divisible_by=DIVISIBLE_BY)
 
 
 def _forward_step(batch: dict, data_iterator, model):
