@@ -98,6 +98,9 @@ class QwenVLModel(MegatronModule):
     def __init__(self, hf_config: Any, config: TransformerConfig, layout: QwenLayout, transformer_layer_spec: Any,
                  pre_process: bool = True, post_process: bool = True) -> None:
         super().__init__(config=config)
+        if config.sequence_parallel or config.context_parallel_size > 1:
+            raise ValueError("Qwen-VL model: sequence_parallel and context_parallel_size > 1 are not supported yet "
+                             "(the image embeddings enter as a full [s, b, h] decoder_input)")
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         self.hf_config = hf_config
         self.layout = layout
