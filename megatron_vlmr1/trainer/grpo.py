@@ -54,13 +54,17 @@ class GRPOTrainer(TrainingSession):
         super().__init__(cfg, cfg.train.prompts_per_step)
         from megatron_vlmr1.rewards import combine_rewards
         from megatron_vlmr1.rollout.config import build_engine
-        from megatron_vlmr1.trainer.policy import ScoringModel
+        from megatron_vlmr1.trainer.policy import AdapterFreeReference, ScoringModel
 
         self.algo = cfg.algo
         self.reward_fn = combine_rewards([(r.name, r.weight) for r in cfg.rewards])
         self.reward_names = [r.name for r in cfg.rewards]
-        self.reference = (ScoringModel(self.family, self.hf_config, cfg.model.path, self.env, cfg.model)
-                          if self.algo.beta > 0 else None)
+        if self.algo.beta <= 0:
+            self.reference = None
+        elif cfg.model.train_mode == "lora":
+            self.reference = AdapterFreeReference(self.actor)
+        else:
+            self.reference = ScoringModel(self.family, self.hf_config, cfg.model.path, self.env, cfg.model)
         self.engine = build_engine(cfg.rollout, cfg.model.path, self.actor.dtype)
         self.policy_loss = get_policy_loss(self.algo.loss)
         self.advantage_fn = get_advantage_estimator(self.algo.advantage)

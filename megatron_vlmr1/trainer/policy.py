@@ -204,6 +204,23 @@ class ActorModel(ScoringModel):
                          "lr": self.optimizer.param_groups[0]["lr"], "update_skipped": float(not update_ok)}
 
 
+class AdapterFreeReference:
+    """The reference policy of a LoRA run: the actor's own model with its adapters bypassed.
+
+    The frozen base *is* the starting policy, so no second model is built or held in memory.
+    """
+
+    def __init__(self, actor: ActorModel):
+        self.actor = actor
+
+    def logprobs(self, micro_batches: list[MicroBatch]) -> list[torch.Tensor] | None:
+        """Per-token log-probs [b, s-1] of the base model (see ``ScoringModel.logprobs``)."""
+        from megatron_vlmr1.vlm.lora import disabled_adapters
+
+        with disabled_adapters(self.actor.module):
+            return self.actor.logprobs(micro_batches)
+
+
 def apply_train_mode(model: torch.nn.Module, model_cfg: ModelConfig) -> None:
     """Freeze what the training mode says must not change (before DDP sees the parameters)."""
     if model_cfg.train_mode == "freeze_vision":

@@ -141,7 +141,11 @@ class TrainingSession(abc.ABC):
         return int(state["step"])
 
     def export_hf(self, out_dir: Path) -> None:
-        """Write the trained weights as an HF checkpoint (safetensors + the start checkpoint's config/tokenizer)."""
+        """Write the trained weights as an HF checkpoint (safetensors + the start checkpoint's config/tokenizer).
+
+        A LoRA run writes merged weights (W + scale * B @ A) there, and its adapters in PEFT format to
+        OUTPUT_DIR/adapter (loadable with ``peft.PeftModel.from_pretrained`` on the start checkpoint).
+        """
         from safetensors.torch import save_file
 
         from megatron_vlmr1.vlm.export import export_hf_weights
@@ -157,6 +161,11 @@ class TrainingSession(abc.ABC):
                 source = Path(self.cfg.model.path) / name
                 if source.exists():
                     shutil.copy(source, out_dir / name)
+        if self.cfg.model.train_mode == "lora":
+            from megatron_vlmr1.vlm.lora import export_peft_adapter
+
+            export_peft_adapter(self.actor.chunks, self.family, self.output_dir / "adapter", self.cfg.model.path,
+                                write=self.env.is_logging_rank)
         dist.barrier()
 
     # -- the loop ----------------------------------------------------------------------------------------------
