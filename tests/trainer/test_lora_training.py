@@ -14,21 +14,25 @@ from tests.trainer.conftest import grpo_config, run, sft_config
 LORA = {"train_mode": "lora", "lora_rank": 4, "lora_alpha": 8.0}
 
 
-def test_sft_lora_trains_only_adapters_and_exports_merged_and_peft(tiny_qwen2_5_vl, rec_data, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForImageTextToText
-
+@pytest.fixture(scope="module")
+def sft_lora_run(tiny_qwen2_5_vl, rec_data, tmp_path_factory):
+    """A 4-step LoRA SFT run with exports: (output dir, parameters before, parameters after)."""
     from megatron_vlmr1.trainer.sft import SFTTrainer
 
-    cfg = sft_config(tiny_qwen2_5_vl, rec_data, tmp_path, model=LORA, optim={"lr": 1e-2},
-                     train={"steps": 4}, checkpoint={"export_hf": True})
-    trainer = SFTTrainer(cfg)
+    out = tmp_path_factory.mktemp("sft_lora")
+    trainer = SFTTrainer(sft_config(tiny_qwen2_5_vl, rec_data, out, model=LORA, optim={"lr": 1e-2},
+                                    train={"steps": 4}, checkpoint={"export_hf": True}))
     try:
         before = {n: p.detach().clone() for n, p in trainer.actor.module.named_parameters()}
         trainer.fit()
-        after = dict(trainer.actor.module.named_parameters())
+        after = {n: p.detach().clone() for n, p in trainer.actor.module.named_parameters()}
     finally:
         trainer.close()
+    return out, before, after
+
+
+def test_sft_lora_trains_only_adapters(sft_lora_run):
+    out, before, after = sft_lora_run
     adapters = [n for n in before if ".lora." in n]
     assert len(adapters) == 2 * 4 * 2  # layers x targets x (A, B)
     for name, tensor in before.items():
@@ -36,10 +40,30 @@ def test_sft_lora_trains_only_adapters_and_exports_merged_and_peft(tiny_qwen2_5_
             assert not torch.equal(after[name], tensor), f"{name} did not train"
         else:
             assert torch.equal(after[name], tensor), f"frozen {name} changed"
-    records = [r["loss"] for r in _records(tmp_path)]
-    assert records[-1] < records[0], records
+    losses = [r["loss"] for r in _records(out)]
+    assert losses[-1] < losses[0], losses
 
-    exported = load_file(str(tmp_path / "hf" / "model.safetensors"))
+
+def test_sft_lora_resume_gives_the_uninterrupted_next_step(sft_lora_run, tiny_qwen2_5_vl, rec_data, tmp_path):
+    from megatron_vlmr1.trainer.sft import SFTTrainer
+
+    straight = _records(sft_lora_run[0])
+    for steps in (2, 4):
+        run(SFTTrainer, sft_config(tiny_qwen2_5_vl, rec_data, tmp_path, model=LORA, optim={"lr": 1e-2},
+                                   train={"steps": steps}))
+    resumed = _records(tmp_path)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(straight, resumed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a, b)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_sft_lora_exports_merged_weights_and_a_peft_adapter_that_agree(sft_lora_run, tiny_qwen2_5_vl):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    out = sft_lora_run[0]
+    exported = load_file(str(out / "hf" / "model.safetensors"))
     original = load_file(str(Path(tiny_qwen2_5_vl) / "model.safetensors"))
     assert exported.keys() == original.keys()
     adapted = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -47,9 +71,9 @@ def test_sft_lora_trains_only_adapters_and_exports_merged_and_peft(tiny_qwen2_5_
         is_adapted = name.startswith("model.layers.") and name.split(".")[-2] in adapted and name.endswith("weight")
         assert torch.equal(exported[name], tensor) != is_adapted, name
 
-    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    merged = AutoModelForImageTextToText.from_pretrained(out / "hf", dtype=torch.float32).eval()
     base = AutoModelForImageTextToText.from_pretrained(tiny_qwen2_5_vl, dtype=torch.float32).eval()
-    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    peft_model = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
     ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = merged(input_ids=ids).logits
@@ -104,12 +128,19 @@ def test_grpo_lora_reference_is_the_base_model(tiny_qwen2_5_vl, rec_data, tmp_pa
         assert ((actor_lp - base_lp) * batch.loss_mask).abs().max() > 1e-4
     records = _records(tmp_path)
     assert records[0]["kl"] == 0.0 and records[1]["kl"] > 0.0
+    # the rollout engine received the merged (adapted) weights: its log-probs match the trainer's at step 2 too
+    assert records[1]["rollout_logprob_gap_max"] < 1e-3, records[1]
 
 
-def _parallel_lora_sft(rank, world_size, model, data, out, tp):
-    cfg = sft_config(Path(model), Path(data), Path(out), parallel={"tp": tp}, model=LORA, optim={"lr": 1e-2},
-                     train={"steps": 3, "prompts_per_step": 4, "micro_batch_size": 2})
-    return [(r["loss"], r["grad_norm"]) for r in run(_sft(), cfg)]
+def _parallel_lora_sft(rank, world_size, model, data, out, layouts):
+    """LoRA SFT losses and grad norms at each (tp, pp), one run after the other in the same processes."""
+    results = {}
+    for tp, pp in layouts:
+        cfg = sft_config(Path(model), Path(data), Path(out) / f"tp{tp}pp{pp}", parallel={"tp": tp, "pp": pp},
+                         model=LORA, optim={"lr": 1e-2},
+                         train={"steps": 3, "prompts_per_step": 4, "micro_batch_size": 2})
+        results[(tp, pp)] = [(r["loss"], r["grad_norm"]) for r in run(_sft(), cfg)]
+    return results
 
 
 def _sft():
@@ -118,15 +149,17 @@ def _sft():
     return SFTTrainer
 
 
-def test_tensor_parallel_lora_sft_reproduces_single_rank(rec_data, tmp_path):
+def test_model_parallel_lora_sft_reproduces_single_rank(rec_data, tmp_path):
     from tools.make_tiny_model import make_tiny_model
 
     # Two KV heads: TP=2 shards them instead of repeating one, so the fused qkv adapter (and hence the gradient
     # norm) is the same tensor at both sizes.
     model = str(make_tiny_model("qwen2_5_vl", tmp_path / "model", seed=0, num_kv_heads=2))
-    single = _parallel_lora_sft(0, 1, model, str(rec_data), str(tmp_path / "single"), 1)
-    results = run_distributed(_parallel_lora_sft, 2, model, str(rec_data), str(tmp_path / "tp2"), 2)
-    assert results[0] == results[1]
-    for (loss, grad_norm), (ref_loss, ref_norm) in zip(results[0], single):
-        assert loss == pytest.approx(ref_loss, rel=1e-4)
-        assert grad_norm == pytest.approx(ref_norm, rel=1e-3)
+    single = _parallel_lora_sft(0, 1, model, str(rec_data), str(tmp_path / "single"), [(1, 1)])[(1, 1)]
+    layouts = [(2, 1), (1, 2)]
+    results = run_distributed(_parallel_lora_sft, 2, model, str(rec_data), str(tmp_path / "par"), layouts)
+    for tp, pp in layouts:
+        last_stage = results[-1][(tp, pp)]
+        for (loss, grad_norm), (ref_loss, ref_norm) in zip(last_stage, single, strict=True):
+            assert loss == pytest.approx(ref_loss, rel=1e-4), (tp, pp)
+            assert grad_norm == pytest.approx(ref_norm, rel=1e-3), (tp, pp)
