@@ -24,13 +24,23 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, Iterable, Literal, Sequence
+import math
+from typing import Any, Iterable, Iterator, Literal, Sequence
 
 import torch
 
-from megatron_vlmr1.vlm.qwen_vl.processor import ImageGeometry, ImageInput, build_messages
+from megatron_vlmr1.vlm.qwen_vl.processor import (
+    EncodedPrompt,
+    ImageGeometry,
+    ImageInput,
+    build_messages,
+    encode_prompt,
+)
 
 FinishReason = Literal["stop", "length"]
+
+# The smallest sampling temperature; vLLM samples greedily below it.
+MIN_TEMPERATURE = 1e-5
 
 # Tokens that mark image/video positions in a prompt; no engine may sample them.
 VISION_PLACEHOLDERS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
@@ -59,10 +69,17 @@ class SamplingConfig:
     seed: int | None = 0
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the key; engines call it again before generating (fields are mutable)."""
         if self.n < 1:
             raise ValueError(f"sampling.n must be >= 1, got {self.n}")
-        if self.temperature < 0:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError(f"sampling.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            # vLLM treats such a temperature as greedy (and then refuses n > 1); say so instead of diverging.
+            raise ValueError(f"sampling.temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k != -1 and self.top_k < 1:
@@ -112,6 +129,53 @@ class RolloutResult:
     images: list[ImageGeometry]
 
 
+def weight_group(hf_name: str) -> str:
+    """The unit a weight sync must never split: a transformer block (``model.layers.3``, ``visual.blocks.0``), else
+    the weight's module (``model.embed_tokens``).
+
+    vLLM fuses several checkpoint tensors into one layer (q/k/v into ``qkv_proj``, gate/up into ``gate_up_proj``)
+    and rebuilds a layer's kernel weights only when all of its parts arrived in the same reload call; a part
+    missing from that call would leave the fused layer half-initialised.
+    """
+    parts = hf_name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:i + 1])
+    return ".".join(parts[:-1])
+
+
+def weight_buckets(weights: Iterable[tuple[str, torch.Tensor]],
+                   bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group a stream of ``(hf_name, tensor)`` into lists of about ``bucket_bytes`` bytes, in stream order.
+
+    A bucket is closed once it holds at least ``bucket_bytes`` and the next tensor starts a new ``weight_group``,
+    so a bucket is never more than ``bucket_bytes`` plus one group, and only one bucket is alive at a time
+    (the stream is consumed lazily: the model is never copied whole into host memory).
+    """
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size, group = 0, None
+    for name, tensor in weights:
+        if bucket and size >= bucket_bytes and weight_group(name) != group:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += tensor.numel() * tensor.element_size()
+        group = weight_group(name)
+    if bucket:
+        yield bucket
+
+
+def encode_request(processor: Any, index: int, request: RolloutRequest) -> EncodedPrompt:
+    """``encode_prompt`` with the request's index in the error: an unreadable image file (PIL raises ``OSError``)
+    or one the image processor rejects becomes a ``ValueError`` before any generation starts."""
+    try:
+        return encode_prompt(processor, request.messages, request.images)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"request {index}: {err}") from err
+
+
 class RolloutEngine(abc.ABC):
     """Generates G completions per prompt; receives the trainer's weights in place between steps."""
 
@@ -122,8 +186,22 @@ class RolloutEngine(abc.ABC):
         """One result per request, in order, each with ``sampling.n`` completions."""
 
     @abc.abstractmethod
-    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy ``(hf_name, tensor)`` pairs (checkpoint names, full unsharded tensors) into the engine's model."""
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Copy ``(hf_name, tensor)`` pairs (checkpoint names, full unsharded tensors) into the engine's model.
+
+        Returns the number of bytes received. Tensors are full HF tensors whatever the trainer's TP/PP layout, so the
+        engine's own parallelism (vLLM's tensor parallelism) is independent of the trainer's.
+        """
+
+    def sleep(self) -> int:
+        """Release accelerator memory while the trainer runs; returns the bytes freed (0: this engine never sleeps).
+
+        The next ``update_weights`` or ``generate`` wakes the engine.
+        """
+        return 0
+
+    def close(self) -> None:
+        """Shut the engine down (before the trainer tears its process groups down)."""
 
     def check_prompt_length(self, index: int, num_tokens: int) -> None:
         """A prompt must leave room for at least one generated token."""

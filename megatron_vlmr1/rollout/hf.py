@@ -3,7 +3,8 @@
 Sampling is an explicit loop over the KV cache rather than ``model.generate`` so that every rule in ``base`` is
 visible in one place: which log-prob is recorded (raw logits, before temperature / top-k / top-p), when a row stops,
 and which random generator draws the tokens (one ``torch.Generator`` seeded from ``SamplingConfig.seed``, consumed
-row-major over the batch, so the same requests, weights and seed give the same completions).
+row-major over the batch, so the same requests, weights and seed give the same completions). The generator lives on
+the model's device (a CPU generator cannot draw on CUDA tensors), so CPU and GPU runs draw different samples.
 """
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from megatron_vlmr1.rollout.base import (
     RolloutResult,
     SamplingConfig,
     banned_token_ids,
+    encode_request,
 )
-from megatron_vlmr1.vlm.qwen_vl.processor import EncodedPrompt, collate_prompts, encode_prompt, image_token_id
+from megatron_vlmr1.vlm.qwen_vl.processor import EncodedPrompt, collate_prompts, image_token_id
 
 
 def filter_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -103,17 +105,31 @@ class HFRolloutEngine(RolloutEngine):
         self.banned_ids = banned_token_ids(processor.tokenizer)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, **kwargs: Any) -> "HFRolloutEngine":
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu", **kwargs: Any) -> "HFRolloutEngine":
+        """Load an HF checkpoint onto ``device`` (the trainer passes its own: a CUDA run rolls out on the GPU)."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("HFRolloutEngine: device is cuda but CUDA is not available here")
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
         return cls(model, AutoProcessor.from_pretrained(path), **kwargs)
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def make_generator(self, seed: int | None) -> torch.Generator:
+        """The sampling generator, on the model's device (``torch.multinomial`` needs them to agree)."""
+        return torch.Generator(device=self.device).manual_seed(seed if seed is not None else torch.seed())
+
     def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig) -> list[RolloutResult]:
-        prompts = [encode_prompt(self.processor, r.messages, r.images) for r in requests]
+        sampling.validate()
+        prompts = [encode_request(self.processor, index, request) for index, request in enumerate(requests)]
         for index, prompt in enumerate(prompts):
             self.check_prompt_length(index, len(prompt.input_ids))
-        generator = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+        generator = self.make_generator(sampling.seed)
         rows = [prompt for prompt in prompts for _ in range(sampling.n)]
         completions: list[Completion] = []
         for start in range(0, len(rows), self.max_batch_size):
@@ -125,7 +141,7 @@ class HFRolloutEngine(RolloutEngine):
     def _generate_rows(self, rows: list[EncodedPrompt], sampling: SamplingConfig,
                        generator: torch.Generator) -> list[Completion]:
         batch = collate_prompts(rows, self.pad_token_id, self.image_token_id, self.merge_size)
-        device = next(self.model.parameters()).device
+        device = self.device
         attention_mask = batch.attention_mask.to(device)
         # Next text position per row: one past the largest mrope position of its prompt (images can make the
         # positions run behind the token count, so it is not the prompt length).
@@ -169,12 +185,16 @@ class HFRolloutEngine(RolloutEngine):
         return "length" if len(ids) >= budget else None
 
     @torch.no_grad()
-    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy tensors in place; a tied ``lm_head.weight`` is the embedding, so either name updates both."""
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Copy tensors in place, one at a time; a tied ``lm_head.weight`` is the embedding, so either name updates
+        both. Returns the bytes received."""
         params = dict(self.model.named_parameters(remove_duplicate=False))
+        received = 0
         for name, tensor in weights:
             target = params[resolve_parameter_name(name, params)]
             if target.shape != tensor.shape:
                 raise ValueError(f"update_weights: {name!r} has shape {tuple(tensor.shape)}, "
                                  f"the model expects {tuple(target.shape)}")
             target.copy_(tensor)
+            received += tensor.numel() * tensor.element_size()
+        return received

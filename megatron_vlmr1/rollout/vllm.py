@@ -9,6 +9,11 @@ Prompts are handed to vLLM as the *unexpanded* template ids (one ``<|image_pad|>
 Qwen-VL processor expands them, and the result is checked against ``encode_prompt``'s ids, so the trainer scores
 exactly the prompt vLLM sampled from. Log-probs use vLLM's ``raw_logprobs`` mode, which matches the definition in
 ``rollout.base``.
+
+Weights arrive as a stream and are reloaded bucket by bucket (``base.weight_buckets``): one ``reload_weights`` call
+per bucket, so host memory holds one bucket, never the whole model. On CUDA the engine can sleep between rollouts
+(``sleep``): vLLM's level-1 sleep offloads its weights to host memory and drops the KV cache, and the next sync wakes
+the weights first, reloads them, then re-allocates the KV cache, so the trainer gets the GPU memory meanwhile.
 """
 from __future__ import annotations
 
@@ -26,13 +31,10 @@ from megatron_vlmr1.rollout.base import (
     RolloutResult,
     SamplingConfig,
     banned_token_ids,
+    encode_request,
+    weight_buckets,
 )
-from megatron_vlmr1.vlm.qwen_vl.processor import (
-    count_images,
-    encode_prompt,
-    load_image,
-    render_prompt,
-)
+from megatron_vlmr1.vlm.qwen_vl.processor import count_images, load_image, render_prompt
 
 
 # vLLM clamps logit biases to [-100, 100]; -100 on a logit makes a token's probability ~e^-100 of the best one's.
@@ -72,11 +74,14 @@ class VLLMRolloutEngine(RolloutEngine):
 
     def __init__(self, model_path: str | Path, max_model_len: int = 4096, max_images_per_prompt: int = 4,
                  max_num_seqs: int = 64, dtype: str = "float32", kv_cache_gb: int = 1,
-                 gpu_memory_utilization: float = 0.5, enforce_eager: bool = True, seed: int = 0):
+                 gpu_memory_utilization: float = 0.5, enforce_eager: bool = True, seed: int = 0,
+                 sync_bucket_bytes: int = 512 * 2**20, sleep: bool = False):
         if max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {max_model_len}")
         if max_images_per_prompt < 0:
             raise ValueError(f"max_images_per_prompt must be >= 0, got {max_images_per_prompt}")
+        if sync_bucket_bytes < 1:
+            raise ValueError(f"sync_bucket_bytes must be >= 1, got {sync_bucket_bytes}")
         # Read by vLLM when the engine starts: in-process engine core (weight sync by function call), and the CPU
         # backend's KV-cache size (GiB). Explicit settings in the environment win.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -91,10 +96,15 @@ class VLLMRolloutEngine(RolloutEngine):
         self.eos_token_ids = self._eos_ids(model_path)
         self.banned_ids = banned_token_ids(self.processor.tokenizer)
         self.max_images_per_prompt = max_images_per_prompt
+        self.sync_bucket_bytes = sync_bucket_bytes
+        # vLLM's CPU worker ignores sleep; only CUDA has the memory allocator that can release and restore.
+        self.can_sleep = sleep and torch.cuda.is_available()
+        self.asleep = False
+        self.last_sync_buckets = 0
         self.llm = LLM(model=str(model_path), dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                        limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0}, mm_processor_cache_gb=0,
                        enforce_eager=enforce_eager, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
-                       logprobs_mode="raw_logprobs")
+                       logprobs_mode="raw_logprobs", enable_sleep_mode=self.can_sleep)
 
     def _eos_ids(self, model_path: str | Path) -> set[int]:
         """The tokenizer's EOS plus ``generation_config.json``'s (as transformers' ``generate`` would stop)."""
@@ -107,13 +117,17 @@ class VLLMRolloutEngine(RolloutEngine):
         return {self.processor.tokenizer.eos_token_id, *([eos] if isinstance(eos, int) else list(eos or []))}
 
     def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig) -> list[RolloutResult]:
+        sampling.validate()
         prompts, vllm_inputs = [], []
         for index, request in enumerate(requests):
             if count_images(request.messages) > self.max_images_per_prompt:
                 raise ValueError(f"request {index}: {count_images(request.messages)} images, the engine allows "
                                  f"{self.max_images_per_prompt} (rollout.max_images_per_prompt)")
-            images = [load_image(image) for image in request.images]
-            prompt = encode_prompt(self.processor, request.messages, images)
+            try:
+                images = [load_image(image) for image in request.images]
+            except (OSError, ValueError) as err:
+                raise ValueError(f"request {index}: {err}") from err
+            prompt = encode_request(self.processor, index, RolloutRequest(request.messages, images))
             self.check_prompt_length(index, len(prompt.input_ids))
             prompts.append(prompt)
             template_ids = self.processor.tokenizer(render_prompt(self.processor, request.messages),
@@ -122,8 +136,9 @@ class VLLMRolloutEngine(RolloutEngine):
             if images:
                 item["multi_modal_data"] = {"image": images}
             vllm_inputs.append(item)
-        outputs = self.llm.generate(vllm_inputs, vllm_sampling_params(sampling, self.eos_token_ids, self.banned_ids),
-                                    use_tqdm=False)
+        params = vllm_sampling_params(sampling, self.eos_token_ids, self.banned_ids)
+        self._wake_up()
+        outputs = self.llm.generate(vllm_inputs, params, use_tqdm=False)
         results = []
         for index, (prompt, output) in enumerate(zip(prompts, outputs)):
             if list(output.prompt_token_ids) != prompt.input_ids:
@@ -141,18 +156,49 @@ class VLLMRolloutEngine(RolloutEngine):
         reason = "stop" if sample.finish_reason == "stop" else "length"
         return Completion(ids, self.processor.tokenizer.decode(ids, skip_special_tokens=True), logprobs, reason)
 
-    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Reload the given tensors in place; a tied ``lm_head.weight`` is skipped (vLLM shares the embedding) and the
-        tied head's kernel weights are rebuilt from the new embedding.
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Reload the given tensors in place, ``sync_bucket_bytes`` at a time; returns the bytes received.
 
-        Everything computed with the old weights is dropped too: the prefix (KV) cache, which would otherwise serve
-        the old model's keys/values for a repeated prompt, and the vision-encoder cache (resetting only the worker's
-        copy, as ``reload_weights`` does, leaves the scheduler believing embeddings are cached: "Encoder cache miss").
+        A tied ``lm_head.weight`` is skipped (vLLM shares the embedding) and the tied head's kernel weights are
+        rebuilt from the new embedding. Everything computed with the old weights is dropped too: the prefix (KV)
+        cache, which would otherwise serve the old model's keys/values for a repeated prompt, and the vision-encoder
+        cache (resetting only the worker's copy, as ``reload_weights`` does, leaves the scheduler believing embeddings
+        are cached: "Encoder cache miss").
         """
         if self.tied:
             weights = ((name, tensor) for name, tensor in weights if name != "lm_head.weight")
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])  # the KV cache stays released until the weights are in
+        received, buckets = 0, 0
+        for bucket in weight_buckets(weights, self.sync_bucket_bytes):
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": bucket})
+            received += sum(tensor.numel() * tensor.element_size() for _, tensor in bucket)
+            buckets += 1
+        self.last_sync_buckets = buckets
         if self.tied:
             self.llm.collective_rpc(_refresh_tied_lm_head)
+        self._wake_up()
         self.llm.llm_engine.reset_encoder_cache()
         self.llm.reset_prefix_cache()
+        return received
+
+    def sleep(self) -> int:
+        """On CUDA with ``sleep=True``: offload the weights, drop the KV cache; returns the device bytes freed."""
+        if not self.can_sleep or self.asleep:
+            return 0
+        torch.cuda.synchronize()
+        free_before = torch.cuda.mem_get_info()[0]
+        self.llm.sleep(level=1)
+        torch.cuda.synchronize()
+        self.asleep = True
+        return max(torch.cuda.mem_get_info()[0] - free_before, 0)
+
+    def _wake_up(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    def close(self) -> None:
+        """Shut vLLM's in-process engine core down now; left to the garbage collector, it would try to destroy its
+        process groups after the trainer has already torn torch.distributed down."""
+        self.llm.llm_engine.engine_core.shutdown()

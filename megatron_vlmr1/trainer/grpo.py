@@ -65,15 +65,16 @@ class GRPOTrainer(TrainingSession):
             self.reference = AdapterFreeReference(self.actor)
         else:
             self.reference = ScoringModel(self.family, self.hf_config, cfg.model.path, self.env, cfg.model)
-        self.engine = build_engine(cfg.rollout, cfg.model.path, self.actor.dtype)
+        self.engine = build_engine(cfg.rollout, cfg.model.path, self.actor.dtype, device=self.env.device)
         self.policy_loss = get_policy_loss(self.algo.loss)
         self.advantage_fn = get_advantage_estimator(self.algo.advantage)
 
     # -- phases ------------------------------------------------------------------------------------------------
-    def sync_weights(self) -> None:
+    def sync_weights(self) -> int:
+        """Stream the actor's full HF tensors into the engine (bucketed by the engine); returns the bytes synced."""
         from megatron_vlmr1.vlm.export import export_hf_weights
 
-        self.engine.update_weights(export_hf_weights(self.actor.chunks, self.family))
+        return self.engine.update_weights(export_hf_weights(self.actor.chunks, self.family))
 
     def rollout(self, samples: list, step: int, round_index: int):
         from megatron_vlmr1.rollout.base import RolloutRequest
@@ -120,8 +121,11 @@ class GRPOTrainer(TrainingSession):
     def step(self, step: int) -> dict:
         metrics: dict[str, float] = {}
         with self.timer("sync", metrics):
-            self.sync_weights()
+            metrics["sync_gib"] = self.sync_weights() / 2**30
         samples, results, (total, per_reward), texts = self.collect(step, metrics)
+        freed = self.engine.sleep()  # vLLM on CUDA with rollout.vllm_sleep: the trainer gets its memory until the sync
+        if self.cfg.rollout.vllm_sleep:
+            metrics["rollout_sleep_freed_gib"] = freed / 2**30
         self.log_rollout_metrics(metrics, per_reward, results)
         if not samples:
             metrics["skipped_no_signal"] = 1.0
@@ -140,6 +144,10 @@ class GRPOTrainer(TrainingSession):
         metrics.update(update)
         metrics.update(self.reduce_token_metrics(outputs))
         return metrics
+
+    def close(self) -> None:
+        self.engine.close()  # before the process groups go: vLLM's shutdown destroys its own groups
+        super().close()
 
     # -- helpers -----------------------------------------------------------------------------------------------
     def build_micro_batches(self, samples: list, results: list, advantages: torch.Tensor) -> list:
