@@ -21,7 +21,9 @@ drawn uniform(±1/sqrt(fan_in)) (PEFT's kaiming default) from a generator seeded
 full matrix generated and then sharded, so every TP/PP layout starts from the same adapters.
 
 Known limits: the hook needs the linear's own input, so LayerNorm-fused Transformer Engine linears (``te`` backend's
-qkv/fc1) and sequence parallelism are rejected. Dropout draws from the default generator.
+qkv/fc1) and sequence parallelism are rejected. Dropout on a replicated input (column) draws from the default
+generator, which megatron keeps identical over TP ranks, so every rank drops the same features; on a sharded input
+(row) it draws from megatron's TP-rank-specific RNG tracker stream, as megatron's own dropout on sharded heads does.
 """
 from __future__ import annotations
 
@@ -65,10 +67,15 @@ class LoRAAdapter(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [s, b, in_local] -> update [s, b, out_local] to add to the linear's output."""
-        from megatron.core.tensor_parallel import (copy_to_tensor_model_parallel_region,
+        from megatron.core.tensor_parallel import (copy_to_tensor_model_parallel_region, get_cuda_rng_tracker,
                                                    reduce_from_tensor_model_parallel_region)
 
-        low = torch.nn.functional.linear(self.dropout(x).to(self.A.dtype), self.A)  # [s, b, r]
+        if self.kind == "column" or not self.training:
+            x = self.dropout(x)
+        else:
+            with get_cuda_rng_tracker().fork():  # a sharded input takes a different mask on each TP rank
+                x = self.dropout(x)
+        low = torch.nn.functional.linear(x.to(self.A.dtype), self.A)  # [s, b, r]
         if self.kind == "column":
             low = copy_to_tensor_model_parallel_region(low)
         else:

@@ -89,6 +89,24 @@ def _logits(model, batch, tp):
     return logits[..., :model.layout.vocab_size]
 
 
+def _dropout_run(hf_dir: str, family, batch: dict) -> dict:
+    """Train-mode forward/backward with adapter dropout: (did dropout act, replicated adapter grads by name)."""
+    from megatron_vlmr1.vlm.lora import apply_lora, lora_adapters
+
+    model, _ = helpers.build_loaded(hf_dir)
+    apply_lora(model, rank=RANK, alpha=ALPHA, dropout=0.5)
+    _set_b(model, family)
+    eval_logits = _logits(model, batch, 2)
+    model.train()
+    train_logits = helpers.run_pipeline(model, dict(batch, vocab_size=model.layout.vocab_size), forward_only=True)
+    helpers.run_pipeline(model, dict(batch, vocab_size=model.layout.vocab_size), forward_only=False)
+    replicated = {f"{name}.{key}": getattr(adapter, key).grad
+                  for name, adapter in lora_adapters(model).items()
+                  for key, axis in adapter.tp_axes().items() if axis is None}
+    changed = not torch.equal(helpers.gather_vocab(train_logits[0])[..., :model.layout.vocab_size], eval_logits)
+    return {"changed": changed, "replicated_grads": replicated}
+
+
 def _worker(rank: int, world_size: int, hf_dir: str, batch: dict, work_dir: str) -> dict:
     from megatron.core import parallel_state
 
@@ -117,6 +135,7 @@ def _worker(rank: int, world_size: int, hf_dir: str, batch: dict, work_dir: str)
         result["base_grads"] = [n for n, p in model.named_parameters() if p.grad is not None and "lora" not in n]
         if tp == 2:
             save_mcore_checkpoint(model, Path(work_dir) / "ckpt")
+            result["dropout"] = _dropout_run(hf_dir, family, batch)
             result["saved"] = _full_adapters(model)
         else:
             fresh, _ = helpers.build_loaded(hf_dir, num_query_groups=2)  # the TP=2 layout the checkpoint has
@@ -237,3 +256,13 @@ def test_bad_targets_are_rejected():
 
     with pytest.raises(ValueError, match="unknown"):
         apply_lora(torch.nn.Linear(2, 2), rank=2, alpha=4.0, targets=["q_proj"])
+
+
+def test_adapter_dropout_keeps_replicated_parts_in_sync_over_tp(lora_results):
+    _, _, results = lora_results
+    first, second = results[0][2]["dropout"], results[1][2]["dropout"]
+    assert first["changed"] and second["changed"]
+    assert first["replicated_grads"].keys() == second["replicated_grads"].keys()
+    for name, grad in first["replicated_grads"].items():
+        assert grad.abs().sum() > 0, name
+        assert torch.equal(grad, second["replicated_grads"][name]), name
