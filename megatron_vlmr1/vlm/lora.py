@@ -42,7 +42,7 @@ PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 class LoRAAdapter(torch.nn.Module):
-    """The low-rank update of one parallel linear: ``scale * B @ A`` with local shards A [r, in_local], B [out_local, r]."""
+    """The low-rank update of one parallel linear: ``scale * B @ A``, local shards A [r, in_local], B [out_local, r]."""
 
     def __init__(self, kind: str, rank: int, alpha: float, dropout: float, out_local: int, in_local: int,
                  dtype: torch.dtype, device: torch.device) -> None:
@@ -93,7 +93,7 @@ def _adapter_hook(linear: torch.nn.Module, args: tuple, output: Any) -> Any:
 
 def _adapter_sharded_state_dict(linear: torch.nn.Module, prefix: str = "", sharded_offsets: tuple = (),
                                 metadata: dict | None = None) -> dict:
-    """The linear's own sharded state dict (which would call the adapters replicated) with A/B sharded correctly."""
+    """The linear's own sharded state dict (which marks every extra tensor replicated) with A/B sharded correctly."""
     from megatron.core import parallel_state
     from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
     from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
@@ -175,7 +175,7 @@ def apply_lora(model: torch.nn.Module, rank: int, alpha: float, dropout: float =
         _init_a(adapter, shift_layer_index(name, offset), seed, tp_size, tp_rank)
         for param_name, axis in adapter.tp_axes().items():
             param = getattr(adapter, param_name)
-            param.tensor_model_parallel = axis is not None and tp_size > 1
+            param.tensor_model_parallel = axis is not None  # read by grad-norm (counts replicas once)
             param.partition_dim = -1 if axis is None else axis
             param.partition_stride = 1
         linear.lora = adapter
