@@ -1,7 +1,7 @@
 """Qwen-VL on megatron-core vs transformers: same weights, same image+text batches -> same logits at every TP/PP;
 TP=2 x PP=2 gradients equal TP=1 gradients; the exporter gives back the HF checkpoint bit for bit.
 
-All layouts run inside one 4-process launch (re-initialising parallel_state between them) because spawning and
+All models and layouts run inside one 4-process launch (re-initialising parallel_state between them) because spawning and
 importing dominate the cost on a 2-core machine.
 """
 from __future__ import annotations
@@ -23,6 +23,11 @@ def _gathered_grads(model) -> dict[str, torch.Tensor]:
     _, _, offset = _stage_info(model)
     return {shift_layer_index(name, offset): gather_full_mcore(model, name, p.grad)
             for name, p in model.named_parameters()}
+
+
+def _all_models_worker(rank: int, world_size: int, jobs: list[tuple]) -> list[dict]:
+    """Several models in one launch: ``jobs`` is a list of ``_worker`` argument tuples."""
+    return [_worker(rank, world_size, *job) for job in jobs]
 
 
 def _worker(rank: int, world_size: int, hf_dir: str, layouts: list, batches: list[dict], backward: bool) -> dict:
@@ -97,41 +102,47 @@ def _check_grads(results: list[dict]) -> None:
         assert rel <= 1e-5, f"{name}: relative grad diff {rel}"
 
 
+def _batches(references: list[dict]) -> list[dict]:
+    return [{k: v for k, v in ref.items() if k != "logits"} for ref in references]
+
+
 @pytest.fixture(scope="module")
-def qwen2_5_results(tiny_qwen2_5_vl):
-    references = [helpers.hf_reference(tiny_qwen2_5_vl, side) for side in ("left", "right")]
-    batches = [{k: v for k, v in ref.items() if k != "logits"} for ref in references]
-    return references, run_distributed(_worker, 4, str(tiny_qwen2_5_vl), LAYOUTS, batches, True)
+def runs(tiny_qwen2_5_vl, tiny_qwen2_vl, tmp_path_factory) -> dict:
+    """Qwen2.5-VL at every layout (+ grads, export), Qwen2-VL at TP2xPP2, and a 4-head model at TP=4."""
+    from tools.make_tiny_model import make_tiny_model
+
+    heads4 = make_tiny_model("qwen2_5_vl", tmp_path_factory.mktemp("heads4"), seed=2, num_heads=4, num_kv_heads=2)
+    refs = {"qwen2_5": [helpers.hf_reference(tiny_qwen2_5_vl, side) for side in ("left", "right")],
+            "qwen2": [helpers.hf_reference(tiny_qwen2_vl, "left")],
+            "tp4": [helpers.hf_reference(heads4, "right")]}
+    jobs = [(str(tiny_qwen2_5_vl), LAYOUTS, _batches(refs["qwen2_5"]), True),
+            (str(tiny_qwen2_vl), [(2, 2)], _batches(refs["qwen2"]), False),
+            (str(heads4), [(4, 1)], _batches(refs["tp4"]), False)]
+    per_rank = run_distributed(_all_models_worker, 4, jobs)
+    return {name: (refs[name], [r[i] for r in per_rank]) for i, name in enumerate(("qwen2_5", "qwen2", "tp4"))}
 
 
 @pytest.mark.parametrize("tp,pp", LAYOUTS)
-def test_qwen2_5_vl_logits_match_transformers(qwen2_5_results, tp, pp):
-    references, results = qwen2_5_results
+def test_qwen2_5_vl_logits_match_transformers(runs, tp, pp):
+    references, results = runs["qwen2_5"]
     _check_logits(results, references, tp, pp)
 
 
-def test_qwen2_5_vl_tp2_pp2_grads_match_tp1(qwen2_5_results):
-    _check_grads(qwen2_5_results[1])
+def test_qwen2_5_vl_tp2_pp2_grads_match_tp1(runs):
+    _check_grads(runs["qwen2_5"][1])
 
 
-def test_export_at_tp2_pp2_is_bit_exact(qwen2_5_results, tiny_qwen2_5_vl):
-    _check_export(qwen2_5_results[1], tiny_qwen2_5_vl)
+def test_export_at_tp2_pp2_is_bit_exact(runs, tiny_qwen2_5_vl):
+    _check_export(runs["qwen2_5"][1], tiny_qwen2_5_vl)
 
 
-def test_qwen2_vl_logits_match_transformers(tiny_qwen2_vl):
-    references = [helpers.hf_reference(tiny_qwen2_vl, "left")]
-    batches = [{k: v for k, v in ref.items() if k != "logits"} for ref in references]
-    results = run_distributed(_worker, 4, str(tiny_qwen2_vl), [(2, 2)], batches, False)
+def test_qwen2_vl_logits_match_transformers(runs, tiny_qwen2_vl):
+    references, results = runs["qwen2"]
     _check_logits(results, references, 2, 2)
     _check_export(results, tiny_qwen2_vl)
 
 
-def test_tp4_logits_match_transformers(tmp_path):
+def test_tp4_logits_match_transformers(runs):
     """TP=4 needs 4 query heads; 2 KV heads are repeated to one query group per TP rank."""
-    from tools.make_tiny_model import make_tiny_model
-
-    hf_dir = make_tiny_model("qwen2_5_vl", tmp_path / "heads4", seed=2, num_heads=4, num_kv_heads=2)
-    references = [helpers.hf_reference(hf_dir, "right")]
-    batches = [{k: v for k, v in ref.items() if k != "logits"} for ref in references]
-    results = run_distributed(_worker, 4, str(hf_dir), [(4, 1)], batches, False)
+    references, results = runs["tp4"]
     _check_logits(results, references, 4, 1)
