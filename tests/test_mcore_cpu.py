@@ -1,8 +1,7 @@
 """megatron-core on CPU over gloo: TP=2 equals TP=1, and the 1F1B schedule at PP=2 equals PP=1."""
 from __future__ import annotations
 
-from functools import partial
-
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -152,3 +151,14 @@ def test_enable_is_idempotent_and_reversible():
         assert torch.ones(1).cuda().device.type == "cpu"
     assert torch.cuda.current_device is original
     assert not mcore_cpu.is_cpu_mode_enabled()
+    assert mcore_cpu.maybe_enable_cpu_mode("cuda") is False  # a CUDA run is never touched
+    assert torch.cuda.current_device is original and not mcore_cpu.is_cpu_mode_enabled()
+
+
+def test_parallel_config_validation():
+    from megatron_vlmr1.parallel import ParallelConfig
+
+    with pytest.raises(ValueError, match="parallel.tensor_model_parallel_size must be >= 1"):
+        ParallelConfig(tensor_model_parallel_size=0)
+    with pytest.raises(ValueError, match="world size 6 is not a multiple"):
+        ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2).validate_world_size(6)
