@@ -18,3 +18,9 @@ def tiny_qwen2_5_vl(tmp_path_factory) -> Path:
 def tiny_qwen2_vl(tmp_path_factory) -> Path:
     """Directory of a tiny Qwen2-VL HF checkpoint (seed 0, 2 layers, untied embeddings)."""
     return make_tiny_model("qwen2_vl", tmp_path_factory.mktemp("tiny_qwen2_vl"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl_kv2(tmp_path_factory) -> Path:
+    """Tiny Qwen2.5-VL with 2 KV heads (2 query heads): trainable at TP=2 without replicated KV heads."""
+    return make_tiny_model("qwen2_5_vl", tmp_path_factory.mktemp("tiny_qwen2_5_vl_kv2"), seed=0, num_kv_heads=2)

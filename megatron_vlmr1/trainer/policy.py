@@ -128,6 +128,7 @@ class ActorModel(ScoringModel):
     def __init__(self, family: Any, hf_config: Any, hf_path: str, env: ParallelEnv, model_cfg: ModelConfig,
                  optim_cfg: OptimConfig, total_steps: int, distributed_optimizer: bool = True):
         super().__init__(family, hf_config, hf_path, env, model_cfg)
+        check_trainable_layout(self.module, env.tp)
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -219,6 +220,18 @@ class AdapterFreeReference:
 
         with disabled_adapters(self.actor.module):
             return self.actor.logprobs(micro_batches)
+
+
+def check_trainable_layout(model: torch.nn.Module, tp: int) -> None:
+    """Refuse TP sizes that replicate KV heads: each copy would get only its own query heads' gradient and the
+    copies would drift apart (megatron needs num_query_groups % TP == 0; repeating the heads is exact for
+    inference and conversion only)."""
+    layout = getattr(model, "layout", None)
+    repeat = getattr(layout, "kv_repeat", 1)
+    if repeat > 1:
+        raise ValueError(f"parallel.tp={tp} exceeds the model's num_key_value_heads="
+                         f"{layout.num_kv_heads}: training at this TP would let the replicated KV heads drift "
+                         f"apart; use parallel.tp <= {layout.num_kv_heads} (add pipeline or data parallelism)")
 
 
 def apply_train_mode(model: torch.nn.Module, model_cfg: ModelConfig) -> None:

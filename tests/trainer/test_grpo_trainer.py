@@ -52,11 +52,11 @@ def _parallel_grpo(rank, world_size, model, data, out, tp):
     return [(r["reward/mean"], r["pg_loss"], r["kl"], r["grad_norm"]) for r in records]
 
 
-def test_tensor_parallel_grpo_reproduces_single_rank(tiny_qwen2_5_vl, rec_data, tmp_path):
-    single = run(_grpo(), grpo_config(tiny_qwen2_5_vl, rec_data, tmp_path / "single"))
-    results = run_distributed(_parallel_grpo, 2, str(tiny_qwen2_5_vl), str(rec_data), str(tmp_path / "tp2"), 2)
+def test_tensor_parallel_grpo_reproduces_single_rank(tiny_qwen2_5_vl_kv2, rec_data, tmp_path):
+    single = run(_grpo(), grpo_config(tiny_qwen2_5_vl_kv2, rec_data, tmp_path / "single"))
+    results = run_distributed(_parallel_grpo, 2, str(tiny_qwen2_5_vl_kv2), str(rec_data), str(tmp_path / "tp2"), 2)
     for (reward, pg_loss, kl, grad_norm), ref in zip(results[0], single):
         assert reward == pytest.approx(ref["reward/mean"], abs=1e-6)
         assert pg_loss == pytest.approx(ref["pg_loss"], abs=1e-5)
         assert kl == pytest.approx(ref["kl"], abs=1e-6)
-        assert grad_norm == pytest.approx(ref["grad_norm"], rel=1e-3, abs=1e-6)
+        assert grad_norm == pytest.approx(ref["grad_norm"], rel=1e-4, abs=1e-6)

@@ -79,13 +79,29 @@ def _parallel_sft(rank, world_size, model, data, out, tp, pp):
 
 
 @pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)])
-def test_model_parallel_reproduces_single_rank_losses(tiny_qwen2_5_vl, rec_data, tmp_path, tp, pp):
-    single = run(_sft(), sft_config(tiny_qwen2_5_vl, rec_data, tmp_path / "single",
+def test_model_parallel_reproduces_single_rank_losses(tiny_qwen2_5_vl_kv2, rec_data, tmp_path, tp, pp):
+    single = run(_sft(), sft_config(tiny_qwen2_5_vl_kv2, rec_data, tmp_path / "single",
                                     train={"steps": 3, "prompts_per_step": 4, "micro_batch_size": 2}))
-    results = run_distributed(_parallel_sft, 2, str(tiny_qwen2_5_vl), str(rec_data), str(tmp_path / "par"), tp, pp)
+    results = run_distributed(_parallel_sft, 2, str(tiny_qwen2_5_vl_kv2), str(rec_data), str(tmp_path / "par"), tp, pp)
     for (loss, grad_norm), ref in zip(results[0], single):
         assert loss == pytest.approx(ref["loss"], rel=1e-4), (loss, ref["loss"])
-        assert grad_norm == pytest.approx(ref["grad_norm"], rel=1e-3), (grad_norm, ref["grad_norm"])
+        assert grad_norm == pytest.approx(ref["grad_norm"], rel=1e-4), (grad_norm, ref["grad_norm"])
+
+
+def _train_at_tp2(rank, world_size, model, data, out):
+    from megatron_vlmr1.trainer.sft import SFTTrainer
+
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        SFTTrainer(sft_config(Path(model), Path(data), Path(out), parallel={"tp": 2}))
+    from megatron_vlmr1.parallel import destroy_parallel
+
+    destroy_parallel()
+    return True
+
+
+def test_training_refuses_tp_above_kv_heads(tiny_qwen2_5_vl, rec_data, tmp_path):
+    """TP=2 on a 1-KV-head model would replicate the KV head and let the copies drift apart."""
+    assert run_distributed(_train_at_tp2, 2, str(tiny_qwen2_5_vl), str(rec_data), str(tmp_path)) == [True, True]
 
 
 def test_sigterm_saves_and_exits_cleanly(tiny_qwen2_5_vl, rec_data, tmp_path):
