@@ -266,5 +266,21 @@ def test_vllm_refuses_bad_input_before_generating_and_does_not_sleep_on_cpu(vllm
     assert synced["sleep_freed"] == 0 and synced["can_sleep"] is False
 
 
+# -- the throughput benchmark ------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_bench_throughput_reports_tokens_and_sync_speed(tmp_path):
+    out = tmp_path / "rows.json"
+    result = subprocess.run([sys.executable, "tools/bench_throughput.py", "--engine", "hf", "--prompts", "2",
+                             "--group", "2", "--max-new-tokens", "4", "--repeats", "1", "--threads", "1",
+                             "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = json.loads(out.read_text())
+    assert row["engine"] == "hf" and 2 * 2 <= row["rollout_tokens"] <= 2 * 2 * 4
+    assert row["tokens_per_s"] == pytest.approx(row["rollout_tokens"] / row["rollout_s"])
+    assert row["sync_s_per_gib"] == pytest.approx(row["sync_s"] / row["sync_gib"])
+    assert 0.001 < row["sync_gib"] < 0.01  # the tiny model: about 5.5 MB of fp32 weights
+    assert "tokens/s" in result.stdout and "\nhf | " in result.stdout
+
+
 if __name__ == "__main__":
     _drive(*sys.argv[1:5])
