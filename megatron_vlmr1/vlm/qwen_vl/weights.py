@@ -13,7 +13,9 @@ Two layout changes happen on the way in, and are undone on the way out:
 * q/k/v fuse into ``linear_qkv`` grouped as megatron lays it out: for each query group g, ``[q heads of g; k_g; v_g]``.
   When TP exceeds the number of KV heads, each KV head is repeated ``num_query_groups / num_kv_heads`` times (a query
   group per TP rank; the math is unchanged because HF's GQA maps query head i to KV head i // (nq / nkv), which is
-  exactly the copy its megatron group holds). Export takes the first copy.
+  exactly the copy its megatron group holds). Export takes the first copy. This is exact for forward, backward and
+  conversion, but training would let the copies drift apart (each copy only gets its own group's gradient; summing
+  them over the TP ranks that hold copies is not implemented), so the trainer refuses TP > num_key_value_heads.
 * the vocabulary is padded with zero rows to ``padded_vocab_size`` (a multiple of ``make_vocab_size_divisible_by``,
   independent of TP so checkpoints reshard); export slices the padding off.
 """
