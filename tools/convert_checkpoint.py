@@ -11,10 +11,8 @@ mcore-to-hf writes safetensors files of at most ``--max-shard-mb``. Each rank's 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+from megatron_vlmr1.vlm.hf_checkpoint import copy_side_files  # noqa: E402
+
 HF_FILES_SUBDIR = "hf_files"  # tokenizer / processor / config copied next to the megatron checkpoint
 
 
@@ -98,88 +97,33 @@ def hf_to_mcore(args: argparse.Namespace) -> float:
     load_hf_weights(model, family, args.hf)
     save_mcore_checkpoint(model, args.out)
     if dist.get_rank() == 0:
-        _copy_side_files(args.hf, os.path.join(args.out, HF_FILES_SUBDIR))
+        copy_side_files(args.hf, os.path.join(args.out, HF_FILES_SUBDIR))
     parallel_state.destroy_model_parallel()
     return _peak_rss_mb()
-
-
-class ShardedSafetensorsWriter:
-    """Writes tensors into safetensors files of bounded size, then the index (as ``save_pretrained`` does)."""
-
-    def __init__(self, out_dir: str, max_shard_bytes: int) -> None:
-        self.out_dir, self.max_shard_bytes = out_dir, max_shard_bytes
-        self.bucket: dict[str, torch.Tensor] = {}
-        self.bucket_bytes = 0
-        self.files: list[tuple[str, list[str]]] = []
-        self.total_bytes = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.bucket and self.bucket_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self.bucket[name] = tensor
-        self.bucket_bytes += size
-        self.total_bytes += size
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        file = f"model-part{len(self.files) + 1:05d}.safetensors"
-        save_file(self.bucket, os.path.join(self.out_dir, file), metadata={"format": "pt"})
-        self.files.append((file, list(self.bucket)))
-        self.bucket, self.bucket_bytes = {}, 0
-
-    def close(self) -> None:
-        if self.bucket or not self.files:
-            self._flush()
-        if len(self.files) == 1:
-            os.replace(os.path.join(self.out_dir, self.files[0][0]), os.path.join(self.out_dir, "model.safetensors"))
-            return
-        weight_map = {}
-        for i, (file, names) in enumerate(self.files):
-            final = f"model-{i + 1:05d}-of-{len(self.files):05d}.safetensors"
-            os.replace(os.path.join(self.out_dir, file), os.path.join(self.out_dir, final))
-            weight_map.update({name: final for name in names})
-        with open(os.path.join(self.out_dir, "model.safetensors.index.json"), "w") as fh:
-            json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, fh, indent=2)
 
 
 def mcore_to_hf(args: argparse.Namespace) -> float:
     from megatron.core import parallel_state
 
     from megatron_vlmr1.vlm.export import build_model_for_checkpoint, export_hf_weights, load_mcore_checkpoint
+    from megatron_vlmr1.vlm.hf_checkpoint import write_hf_weights
 
     _init(args.tp, args.pp)
     model, family = build_model_for_checkpoint(args.mcore, perform_initialization=False)
     load_mcore_checkpoint(model, args.mcore)
-    writer = None
+    write_hf_weights(export_hf_weights(model, family), args.out, write=dist.get_rank() == 0,
+                     max_shard_bytes=args.max_shard_mb * 2**20)
     if dist.get_rank() == 0:
-        os.makedirs(args.out, exist_ok=True)
-        writer = ShardedSafetensorsWriter(args.out, args.max_shard_mb * 2**20)
-    for name, tensor in export_hf_weights(model, family):
-        if writer is not None:
-            writer.add(name, tensor)
-    if writer is not None:
-        writer.close()
         _write_hf_side_files(args, model.hf_config)
     dist.barrier()
     parallel_state.destroy_model_parallel()
     return _peak_rss_mb()
 
 
-def _copy_side_files(src: str, dst: str) -> None:
-    """Tokenizer, processor, chat template, generation config... everything but the weights."""
-    os.makedirs(dst, exist_ok=True)
-    for entry in sorted(os.listdir(src)):
-        path = os.path.join(src, entry)
-        if os.path.isfile(path) and entry not in WEIGHT_FILES and not entry.endswith(".safetensors"):
-            shutil.copy2(path, os.path.join(dst, entry))
-
-
 def _write_hf_side_files(args: argparse.Namespace, hf_config: Any) -> None:
     template = args.hf_template or os.path.join(args.mcore, HF_FILES_SUBDIR)
     if os.path.isdir(template):
-        _copy_side_files(template, args.out)
+        copy_side_files(template, args.out)
     hf_config.save_pretrained(args.out)
 
 

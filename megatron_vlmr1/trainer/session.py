@@ -6,7 +6,6 @@ preemption, and exports HF weights at the end.
 from __future__ import annotations
 
 import abc
-import shutil
 import signal
 import time
 from contextlib import contextmanager
@@ -20,10 +19,6 @@ from megatron_vlmr1.config import save_config
 from megatron_vlmr1.trainer.checkpoint import CheckpointManager
 from megatron_vlmr1.trainer.distributed import all_reduce_sum, any_rank, init_parallel, teardown_parallel
 from megatron_vlmr1.trainer.metrics import REWARD_CURVE, MetricsLogger, plot_reward_curve
-
-HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "special_tokens_map.json", "preprocessor_config.json", "processor_config.json", "chat_template.json",
-            "chat_template.jinja", "video_preprocessor_config.json", "vocab.json", "merges.txt")
 
 
 # Reshardable across data-parallel sizes: a run can resume on a different number of GPUs. (megatron-core
@@ -146,21 +141,13 @@ class TrainingSession(abc.ABC):
         A LoRA run writes merged weights (W + scale * B @ A) there, and its adapters in PEFT format to
         OUTPUT_DIR/adapter (loadable with ``peft.PeftModel.from_pretrained`` on the start checkpoint).
         """
-        from safetensors.torch import save_file
-
         from megatron_vlmr1.vlm.export import export_hf_weights
+        from megatron_vlmr1.vlm.hf_checkpoint import copy_side_files, write_hf_weights
 
-        tensors = {}
-        for name, tensor in export_hf_weights(self.actor.chunks, self.family):
-            if self.env.is_logging_rank:
-                tensors[name] = tensor.contiguous().cpu()
-        if self.env.is_logging_rank:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-            for name in HF_FILES:
-                source = Path(self.cfg.model.path) / name
-                if source.exists():
-                    shutil.copy(source, out_dir / name)
+        write = self.env.is_logging_rank
+        write_hf_weights(export_hf_weights(self.actor.chunks, self.family), out_dir, write=write)
+        if write:
+            copy_side_files(self.cfg.model.path, out_dir)
         if self.cfg.model.train_mode == "lora":
             from megatron_vlmr1.vlm.lora import export_peft_adapter
 
