@@ -6,7 +6,7 @@ Each other component (data, rollout, algo) declares its own dataclass next to it
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 
 @dataclass

@@ -8,16 +8,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import signal
-import time
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from megatron_vlmr1.algo import AlgoConfig, get_advantage_estimator, get_policy_loss, informative_groups, loss_normalizer
-from megatron_vlmr1.config import load_config, save_config
+from megatron_vlmr1.config import load_config
 from megatron_vlmr1.data import DataConfig
 from megatron_vlmr1.rollout.config import RolloutConfig
 from megatron_vlmr1.trainer.config import (CheckpointConfig, LoopConfig, ModelConfig, OptimConfig, ParallelConfig,
@@ -36,6 +32,9 @@ class GRPORunConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: LoopConfig = dataclasses.field(default_factory=LoopConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    # The coordinate space the policy's boxes are in: "abs" (original-image pixels), "resized" (pixels of the image
+    # the processor fed the model: Qwen2.5-VL's grounding convention) or "norm1000" (Qwen2-VL). Box rewards rescale.
+    box_space: Literal["abs", "resized", "norm1000"] = "abs"
 
     def __post_init__(self):
         if not self.model.path:
@@ -90,6 +89,8 @@ class GRPOTrainer(TrainingSession):
         group = self.algo.group_size
         texts = [c.text for r in results for c in r.completions]
         fields = collate_reward_fields([s for s in samples for _ in range(group)])
+        fields["box_space"] = [self.cfg.box_space] * len(texts)
+        fields["resized_size"] = [resized_size(s, r) for s, r in zip(samples, results) for _ in range(group)]
         return texts, self.reward_fn(texts, **fields)
 
     def collect(self, step: int, metrics: dict) -> tuple[list, list, Any, list[str]]:
@@ -220,6 +221,15 @@ class GRPOTrainer(TrainingSession):
         metrics["reward/std"] = max(total_sq / n - mean * mean, 0.0) ** 0.5
         metrics["completion_len/mean"] = length_sum / max(n_lengths, 1.0)
         metrics["rollout_tokens"] = length_sum
+
+
+def resized_size(sample: Any, result: Any) -> list[int] | None:
+    """(width, height) of the image the question refers to, as the processor resized it (None: text-only)."""
+    if not result.images:
+        return None
+    index = sample.extra.get("target_image", 0) if isinstance(sample.extra.get("target_image", 0), int) else 0
+    height, width = result.images[min(max(index, 0), len(result.images) - 1)].resized
+    return [width, height]
 
 
 def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:

@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 import json
 
-import torch
 
 from megatron_vlmr1.config import load_config
 from megatron_vlmr1.data import DataConfig

@@ -60,3 +60,15 @@ def test_tensor_parallel_grpo_reproduces_single_rank(tiny_qwen2_5_vl_kv2, rec_da
         assert pg_loss == pytest.approx(ref["pg_loss"], abs=1e-5)
         assert kl == pytest.approx(ref["kl"], abs=1e-6)
         assert grad_norm == pytest.approx(ref["grad_norm"], rel=1e-4, abs=1e-6)
+
+
+def test_resized_size_follows_the_target_image():
+    from types import SimpleNamespace
+
+    from megatron_vlmr1.trainer.grpo import resized_size
+    from megatron_vlmr1.vlm.qwen_vl.processor import ImageGeometry
+
+    result = SimpleNamespace(images=[ImageGeometry((100, 200), (112, 224)), ImageGeometry((50, 60), (56, 56))])
+    assert resized_size(SimpleNamespace(extra={}), result) == [224, 112]          # (w, h) of image 0
+    assert resized_size(SimpleNamespace(extra={"target_image": 1}), result) == [56, 56]
+    assert resized_size(SimpleNamespace(extra={}), SimpleNamespace(images=[])) is None
