@@ -1,7 +1,8 @@
 """GRPO with the hybrid engine: vLLM rolls out, the megatron actor trains, weights sync into vLLM every step.
 
-One CLI run in a subprocess (vLLM pins CPU threads and keeps global state): ``python -m megatron_vlmr1 train
---config FILE rollout.engine=vllm ...`` on the tiny Qwen2.5-VL, fp32, with truncated importance sampling on.
+CLI runs in subprocesses (vLLM pins CPU threads and keeps global state): ``python -m megatron_vlmr1 train
+--config FILE rollout.engine=vllm ...`` on the tiny Qwen2.5-VL, fp32: one single-rank run with truncated importance
+sampling on (shared by the first three tests), and one run with the trainer at TP=2.
 """
 from __future__ import annotations
 
@@ -30,13 +31,11 @@ def _checkpoint_bytes(model_dir: Path) -> int:
         return sum(fh.get_tensor(k).numel() * fh.get_tensor(k).element_size() for k in fh.keys())
 
 
-@pytest.fixture(scope="module")
-def vllm_run(tiny_qwen2_5_vl, rec_data, tmp_path_factory) -> tuple[list[dict], str, Path]:
-    out = tmp_path_factory.mktemp("grpo_vllm")
+def _train(model: Path, data: Path, out: Path, overrides: list[str], launcher: list[str]) -> tuple[list[dict], str]:
     config = {
-        "model": {"path": str(tiny_qwen2_5_vl)},
+        "model": {"path": str(model)},
         "parallel": {"device": "cpu"},
-        "data": {"files": [str(rec_data)], "task": "rec"},
+        "data": {"files": [str(data)], "task": "rec"},
         "rollout": {"max_model_len": 512, "max_batch_size": 8, "sampling": {"max_new_tokens": 12}},
         "algo": {"group_size": 4, "beta": 0.0},
         "rewards": [{"name": REWARD, "weight": 1.0}],
@@ -45,13 +44,20 @@ def vllm_run(tiny_qwen2_5_vl, rec_data, tmp_path_factory) -> tuple[list[dict], s
                   "tensorboard": False, "progress_bar": False},
         "checkpoint": {"export_hf": True, "save_interval": 0},
     }
+    out.mkdir(parents=True, exist_ok=True)
     (out / "run.yaml").write_text(yaml.safe_dump(config))
-    overrides = ["rollout.engine=vllm", "rollout.sync_bucket_mb=1", "rollout.vllm_sleep=true", "algo.tis_cap=2.0"]
-    result = subprocess.run([sys.executable, "-m", "megatron_vlmr1", "train", "--config", str(out / "run.yaml"),
-                             *overrides], cwd=REPO, capture_output=True, text=True, timeout=900)
+    result = subprocess.run([sys.executable, *launcher, "-m", "megatron_vlmr1", "train", "--config",
+                             str(out / "run.yaml"), "rollout.engine=vllm", "rollout.sync_bucket_mb=1", *overrides],
+                            cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-5000:]
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return records, result.stderr, out / "hf"
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], result.stderr
+
+
+@pytest.fixture(scope="module")
+def vllm_run(tiny_qwen2_5_vl, rec_data, tmp_path_factory) -> tuple[list[dict], str, Path]:
+    out = tmp_path_factory.mktemp("grpo_vllm")
+    records, stderr = _train(tiny_qwen2_5_vl, rec_data, out, ["rollout.vllm_sleep=true", "algo.tis_cap=2.0"], [])
+    return records, stderr, out / "hf"
 
 
 def test_vllm_rollouts_match_the_trainer_after_every_sync(vllm_run, tiny_qwen2_5_vl):
@@ -80,3 +86,16 @@ def test_sync_metrics_and_cpu_ignores_sleep(vllm_run, tiny_qwen2_5_vl):
         assert record["time/sync"] > 0
         assert record["rollout_sleep_freed_gib"] == 0.0  # vLLM cannot sleep on CPU: nothing freed, nothing broken
     assert "Traceback" not in stderr  # vLLM shut down before torch.distributed was torn down
+
+
+def test_training_tensor_parallelism_is_independent_of_vllm(rec_data, tmp_path):
+    """Trainer at TP=2 (two ranks); each rank's vLLM holds the full model, fed by the exporter's gathered tensors."""
+    from tools.make_tiny_model import make_tiny_model
+
+    model = make_tiny_model("qwen2_5_vl", tmp_path / "model", seed=0, num_kv_heads=2)
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    records, _ = _train(model, rec_data, tmp_path / "run", ["parallel.tp=2", "train.steps=2"], launcher)
+    assert [r["step"] for r in records] == [1, 2]
+    for record in records:
+        assert record["rollout_logprob_gap"] < 1e-4 and record["rollout_logprob_gap_max"] < 1e-3, record
+        assert record["grad_norm"] > 0 and record["sync_gib"] == pytest.approx(_checkpoint_bytes(model) / 2**30)
