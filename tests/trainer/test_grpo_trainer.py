@@ -7,7 +7,8 @@ from tests.distributed import run_distributed
 from tests.trainer.conftest import grpo_config, run
 
 CONTRACT_KEYS = {"step", "reward/mean", "reward/std", "reward/format", "reward/iou", "kl", "clip_frac", "entropy",
-                 "completion_len/mean", "time/rollout", "time/reward", "time/update", "time/sync", "tokens_per_s"}
+                 "completion_len/mean", "time/rollout", "time/reward", "time/update", "time/sync", "tokens_per_s",
+                 "sync_gib", "rollout_logprob_gap", "grad_norm", "lr"}
 
 
 def _grpo():
