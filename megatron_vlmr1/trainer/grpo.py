@@ -18,6 +18,7 @@ from megatron_vlmr1.data import DataConfig
 from megatron_vlmr1.rollout.config import RolloutConfig
 from megatron_vlmr1.trainer.config import (CheckpointConfig, LoopConfig, ModelConfig, OptimConfig, ParallelConfig,
                                            RewardSpec)
+from megatron_vlmr1.trainer.distributed import any_rank
 from megatron_vlmr1.trainer.session import TrainingSession
 
 
@@ -93,18 +94,17 @@ class GRPOTrainer(TrainingSession):
         fields["resized_size"] = [resized_size(s, r) for s, r in zip(samples, results) for _ in range(group)]
         return texts, self.reward_fn(texts, **fields)
 
-    def collect(self, step: int, metrics: dict) -> tuple[list, list, Any, list[str]]:
+    def collect(self, step: int, metrics: dict) -> tuple[list, list, list[float], dict[str, list[float]]]:
         """Roll out this rank's prompts; with dynamic sampling, keep only groups whose rewards differ."""
         group = self.algo.group_size
-        kept_samples, kept_results, kept_total, per_reward, all_texts = [], [], [], {}, []
+        kept_samples, kept_results, kept_total, per_reward = [], [], [], {}
         rounds = self.algo.dynamic_sampling_max_rounds if self.algo.dynamic_sampling else 1
         for round_index in range(rounds):
             samples = next(self.data)
             with self.timer("rollout", metrics):
                 results = self.rollout(samples, step, round_index)
             with self.timer("reward", metrics):
-                texts, rewards = self.score(samples, results)
-            all_texts.extend(texts)
+                _, rewards = self.score(samples, results)
             for name, values in rewards.per_reward.items():
                 per_reward.setdefault(name, []).extend(values)
             total = torch.tensor(rewards.total, dtype=torch.float32)
@@ -117,18 +117,18 @@ class GRPOTrainer(TrainingSession):
             if len(kept_samples) >= self.prompts_per_rank:
                 break
         kept = self.prompts_per_rank
-        return kept_samples[:kept], kept_results[:kept], (kept_total[:kept * group], per_reward), all_texts
+        return kept_samples[:kept], kept_results[:kept], kept_total[:kept * group], per_reward
 
     def step(self, step: int) -> dict:
         metrics: dict[str, float] = {}
         with self.timer("sync", metrics):
             metrics["sync_gib"] = self.sync_weights() / 2**30
-        samples, results, (total, per_reward), texts = self.collect(step, metrics)
+        samples, results, total, per_reward = self.collect(step, metrics)
         freed = self.engine.sleep()  # vLLM on CUDA with rollout.vllm_sleep: the trainer gets its memory until the sync
         if self.cfg.rollout.vllm_sleep:
             metrics["rollout_sleep_freed_gib"] = freed / 2**30
         self.log_rollout_metrics(metrics, per_reward, results)
-        if not samples:
+        if any_rank(not samples):  # collective: a replica without data must not leave the others waiting in DDP
             metrics["skipped_no_signal"] = 1.0
             return metrics
         advantages = self.advantage_fn(torch.tensor(total, dtype=torch.float32), self.algo)
