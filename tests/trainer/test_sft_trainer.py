@@ -129,3 +129,19 @@ def test_sigterm_saves_and_exits_cleanly(tiny_qwen2_5_vl, rec_data, tmp_path):
     state = json.loads((tmp_path / "run" / "checkpoints" / latest / "trainer_state.json").read_text())
     logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert state["step"] == logged[-1] >= 2
+
+
+def _resume_sft_at_dp2(rank, world_size, model, data, out):
+    records = run(_sft(), sft_config(Path(model), Path(data), Path(out), train={"steps": 4}))
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in records]
+
+
+def test_resume_at_another_data_parallel_size(tiny_qwen2_5_vl, rec_data, tmp_path):
+    """Save at DP=1, resume at DP=2: the distributed optimizer's state reshards, the data position is global."""
+    straight = run(_sft(), sft_config(tiny_qwen2_5_vl, rec_data, tmp_path / "a", train={"steps": 4}))
+    run(_sft(), sft_config(tiny_qwen2_5_vl, rec_data, tmp_path / "b", train={"steps": 2}))
+    resumed = run_distributed(_resume_sft_at_dp2, 2, str(tiny_qwen2_5_vl), str(rec_data), str(tmp_path / "b"))[0]
+    assert [step for step, _, _ in resumed] == [1, 2, 3, 4]
+    for (step, loss, grad_norm), ref in zip(resumed[2:], straight[2:]):
+        assert loss == pytest.approx(ref["loss"], rel=1e-5), (step, loss, ref["loss"])
+        assert grad_norm == pytest.approx(ref["grad_norm"], rel=1e-4), (step, grad_norm, ref["grad_norm"])
