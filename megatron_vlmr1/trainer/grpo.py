@@ -6,20 +6,18 @@ rank rolls out its own prompts; tensor/pipeline ranks of one replica see the sam
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from typing import Any, Literal
 
 import torch
 
 from megatron_vlmr1.algo import AlgoConfig, get_advantage_estimator, get_policy_loss, informative_groups, loss_normalizer
-from megatron_vlmr1.config import load_config
 from megatron_vlmr1.data import DataConfig
 from megatron_vlmr1.rollout.config import RolloutConfig
 from megatron_vlmr1.trainer.config import (CheckpointConfig, LoopConfig, ModelConfig, OptimConfig, ParallelConfig,
                                            RewardSpec)
 from megatron_vlmr1.trainer.distributed import any_rank
-from megatron_vlmr1.trainer.session import TrainingSession
+from megatron_vlmr1.trainer.session import TrainingSession, run_cli
 
 
 @dataclasses.dataclass
@@ -232,20 +230,5 @@ def resized_size(sample: Any, result: Any) -> list[int] | None:
     return [width, height]
 
 
-def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
-    parser = argparse.ArgumentParser(prog="python -m megatron_vlmr1 train")
-    parser.add_argument("--config", help="YAML config (see examples/configs/)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-6 train.steps=100")
-    args = parser.parse_args(argv)
-    return args.config, args.overrides
-
-
 def main(argv: list[str]) -> int:
-    config_path, overrides = parse_args(argv)
-    cfg = load_config(GRPORunConfig, config_path, overrides)
-    trainer = GRPOTrainer(cfg)
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
-    return 0
+    return run_cli("python -m megatron_vlmr1 train", GRPORunConfig, GRPOTrainer, argv)

@@ -200,3 +200,27 @@ class TrainingSession(abc.ABC):
         self.metrics.close()
         signal.signal(signal.SIGTERM, self._previous_sigterm)
         teardown_parallel(self.env)
+
+
+def run_cli(prog: str, config_cls: type, trainer_cls: type, argv: list[str]) -> int:
+    """``--config FILE [key.sub=value ...]`` → config → trainer → fit. A user error (bad config or data) before
+    training starts is one line naming the key / file:line and exit code 2, not a traceback."""
+    import argparse
+    import sys
+
+    from megatron_vlmr1.config import load_config
+
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--config", help="YAML config (see examples/configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-6 train.steps=100")
+    args = parser.parse_args(argv)
+    try:
+        trainer = trainer_cls(load_config(config_cls, args.config, args.overrides))
+    except ValueError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return 0

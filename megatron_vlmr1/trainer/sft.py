@@ -6,15 +6,13 @@ the token-mean negative log-likelihood of the target tokens over the whole step'
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 
 
-from megatron_vlmr1.config import load_config
 from megatron_vlmr1.data import DataConfig
 from megatron_vlmr1.trainer.config import CheckpointConfig, LoopConfig, ModelConfig, OptimConfig, ParallelConfig
-from megatron_vlmr1.trainer.session import TrainingSession
+from megatron_vlmr1.trainer.session import TrainingSession, run_cli
 
 END_OF_TURN = "<|im_end|>"
 
@@ -90,14 +88,4 @@ class SFTTrainer(TrainingSession):
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megatron_vlmr1 sft")
-    parser.add_argument("--config", help="YAML config (see examples/configs/)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5 train.steps=100")
-    args = parser.parse_args(argv)
-    cfg = load_config(SFTRunConfig, args.config, args.overrides)
-    trainer = SFTTrainer(cfg)
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
-    return 0
+    return run_cli("python -m megatron_vlmr1 sft", SFTRunConfig, SFTTrainer, argv)
