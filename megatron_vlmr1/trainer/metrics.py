@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Mapping
 
 REWARD_CURVE = "reward_curve.png"
+LOSS_CURVE = "loss_curve.png"
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -68,32 +69,46 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_reward_curve(metrics_path: str | Path, out_path: str | Path, smooth: int = 1) -> Path:
-    """Plot ``reward/mean`` and every ``reward/<name>`` against step (PNG)."""
+def plot_curves(metrics_path: str | Path, out_path: str | Path, keys: list[str], ylabel: str, title: str,
+                emphasise: str | None = None) -> Path:
+    """Plot the given metrics against step into a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
-    keys = sorted({k for r in records for k in r if k.startswith("reward/") and k != "reward/std"})
     fig, ax = plt.subplots(figsize=(7, 4))
     for key in keys:
         points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
-        if not points:
-            continue
-        steps, values = zip(*points)
-        if smooth > 1:
-            values = [sum(values[max(0, i - smooth + 1): i + 1]) / len(values[max(0, i - smooth + 1): i + 1])
-                      for i in range(len(values))]
-        ax.plot(steps, values, label=key, linewidth=2.5 if key == "reward/mean" else 1.2)
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, label=key, linewidth=2.5 if key == emphasise else 1.2)
     ax.set_xlabel("step")
-    ax.set_ylabel("reward")
-    ax.set_title("GRPO rewards" + (f" (moving average of {smooth})" if smooth > 1 else ""))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+    if ax.lines:
+        ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     out_path = Path(out_path)
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return out_path
+
+
+def reward_keys(metrics_path: str | Path) -> list[str]:
+    records = read_metrics(metrics_path)
+    return sorted({k for r in records for k in r if k.startswith("reward/") and k != "reward/std"})
+
+
+def plot_reward_curve(metrics_path: str | Path, out_path: str | Path) -> Path:
+    """``reward/mean`` and every ``reward/<name>`` against step (GRPO runs)."""
+    return plot_curves(metrics_path, out_path, reward_keys(metrics_path), "reward", "GRPO rewards", "reward/mean")
+
+
+def plot_run(metrics_path: str | Path, output_dir: str | Path) -> Path:
+    """A run's curve: ``reward_curve.png`` when it logged rewards (GRPO), else ``loss_curve.png`` (SFT)."""
+    if reward_keys(metrics_path):
+        return plot_reward_curve(metrics_path, Path(output_dir) / REWARD_CURVE)
+    return plot_curves(metrics_path, Path(output_dir) / LOSS_CURVE, ["loss"], "loss", "training loss")

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from megatron_vlmr1.config import save_config
 from megatron_vlmr1.trainer.checkpoint import CheckpointManager
 from megatron_vlmr1.trainer.distributed import all_reduce_sum, any_rank, init_parallel, teardown_parallel
-from megatron_vlmr1.trainer.metrics import REWARD_CURVE, MetricsLogger, plot_reward_curve
+from megatron_vlmr1.trainer.metrics import MetricsLogger, plot_run
 
 
 # Reshardable across data-parallel sizes: a run can resume on a different number of GPUs. (megatron-core
@@ -194,7 +194,7 @@ class TrainingSession(abc.ABC):
         if cfg.checkpoint.export_hf:
             self.export_hf(self.output_dir / "hf")
         if self.env.is_logging_rank and self.metrics.path.exists():
-            plot_reward_curve(self.metrics.path, self.output_dir / REWARD_CURVE)
+            plot_run(self.metrics.path, self.output_dir)
 
     def close(self) -> None:
         self.metrics.close()

@@ -20,3 +20,14 @@ def test_jsonl_resume_truncates_and_plot(tmp_path):
     png = plot_reward_curve(tmp_path / "metrics.jsonl", tmp_path / "reward_curve.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_sft_runs_get_a_loss_curve(tmp_path):
+    from megatron_vlmr1.trainer.metrics import plot_run
+
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    for step in range(1, 4):
+        logger.log(step, {"loss": 3.0 / step})
+    png = plot_run(tmp_path / "metrics.jsonl", tmp_path)
+    assert png.name == "loss_curve.png" and png.read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "reward_curve.png").exists()
