@@ -11,4 +11,4 @@ mkdir -p runs/demo
 rm -rf runs/demo/sft runs/demo/checkpoints runs/demo/metrics.jsonl runs/demo/tensorboard
 $PY -m megatron_vlmr1 sft --config examples/configs/demo_sft.yaml
 $PY -m megatron_vlmr1 train --config examples/configs/demo_grpo.yaml
-$PY tools/summarize_run.py runs/demo/metrics.jsonl
+$PY tools/summarize_run.py runs/demo/metrics.jsonl --window 5
