@@ -83,11 +83,8 @@ def build_eval_engine(model: EvalModelConfig, batch_size: int, max_images_per_pr
     rollout = RolloutConfig(engine=model.engine, max_model_len=model.max_model_len, max_batch_size=batch_size,
                             max_images_per_prompt=max(max_images_per_prompt, 1), kv_cache_gb=model.kv_cache_gb,
                             gpu_memory_utilization=model.gpu_memory_utilization)
-    engine = build_engine(rollout, check_model_path(model), getattr(torch, model.dtype))
-    if model.engine == "hf":
-        # the transformers engine loads on CPU and feeds its inputs to wherever its parameters are
-        engine.model.to(resolve_device(model.device))
-    return engine
+    device = resolve_device(model.device) if model.engine == "hf" else "cpu"  # vLLM places itself
+    return build_engine(rollout, check_model_path(model), getattr(torch, model.dtype), device=device)
 
 
 def prediction_row(split: str, sample_id: Any, prompt: PromptSample, result: "RolloutResult") -> dict[str, Any]:
