@@ -7,6 +7,7 @@ file never silently falls back to a default. Components validate their own piece
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import types
 import typing
 from pathlib import Path
@@ -152,3 +153,23 @@ def load_config(cls: type[T], path: str | Path | None, overrides: typing.Iterabl
 def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def load_object(path: str, kind: str = "import path") -> Any:
+    """Import ``package.module:function`` (custom rewards, losses, estimators named in a config).
+
+    A bad path is a ``ValueError`` starting with ``kind`` and the path, saying what is wrong.
+    """
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"{kind} {path!r} must look like 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"{kind} {path!r}: cannot import module {module_name!r} ({err})") from None
+    obj = getattr(module, attr, None)
+    if obj is None:
+        raise ValueError(f"{kind} {path!r}: module {module_name!r} has no attribute {attr!r} (no callable {attr!r})")
+    if not callable(obj):
+        raise ValueError(f"{kind} {path!r}: {module_name}.{attr} is not callable (no callable {attr!r})")
+    return obj

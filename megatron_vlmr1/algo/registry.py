@@ -14,25 +14,11 @@ Signatures (see each module for the tensor shapes):
 """
 from __future__ import annotations
 
-import importlib
 from typing import Any, Callable, Generic, TypeVar
 
+from megatron_vlmr1.config import load_object
+
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def load_object(path: str) -> Any:
-    """Import ``package.module:attribute`` and return the attribute; a bad path is a ``ValueError`` saying why."""
-    module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"import path {path!r} must look like 'package.module:function'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"import path {path!r}: cannot import module {module_name!r} ({err})") from None
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise ValueError(f"import path {path!r}: module {module_name!r} has no attribute {attr!r}") from None
 
 
 class Registry(Generic[F]):

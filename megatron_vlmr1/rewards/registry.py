@@ -10,10 +10,10 @@ returns finite floats (anything unparseable scores 0.0); only a malformed *field
 """
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Any, Callable, NamedTuple, Sequence
 
+from megatron_vlmr1.config import load_object
 from megatron_vlmr1.rewards.parsing import completion_text
 
 RewardFn = Callable[..., list[float]]
@@ -96,17 +96,7 @@ def list_rewards() -> list[str]:
 
 
 def _load_custom(spec: str) -> RewardFn:
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"custom reward {spec!r} must look like package.module:function")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"custom reward {spec!r}: cannot import {module_name!r} ({err})") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ValueError(f"custom reward {spec!r}: {module_name!r} has no callable {attr!r}")
-    return _checked(spec, fn)
+    return _checked(spec, load_object(spec, kind="custom reward"))
 
 
 def _checked(name: str, fn: RewardFn) -> RewardFn:
