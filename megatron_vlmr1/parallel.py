@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 
 import torch
 import torch.distributed as dist
@@ -54,3 +55,10 @@ def destroy_parallel() -> None:
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback, for a rendezvous of locally spawned ranks."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

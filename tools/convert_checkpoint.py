@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from megatron_vlmr1.parallel import free_port  # noqa: E402
 from megatron_vlmr1.vlm.hf_checkpoint import copy_side_files  # noqa: E402
 
 HF_FILES_SUBDIR = "hf_files"  # tokenizer / processor / config copied next to the megatron checkpoint
@@ -142,14 +143,6 @@ def _rank_main(rank: int, world_size: int, port: int, command: str, args: argpar
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(command: str, args: argparse.Namespace) -> list[float]:
     """Run ``command`` on TP x PP ranks: under torchrun in place, otherwise in spawned gloo processes."""
     world_size = args.tp * args.pp
@@ -164,7 +157,7 @@ def launch(command: str, args: argparse.Namespace) -> list[float]:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_rank_main, args=(world_size, _free_port(), command, args, out_dir), nprocs=world_size,
+        mp.start_processes(_rank_main, args=(world_size, free_port(), command, args, out_dir), nprocs=world_size,
                            join=True, start_method="spawn")
         return [float(open(os.path.join(out_dir, f"rss{r}")).read()) for r in range(world_size)]
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -49,12 +48,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def init_parallel(cfg: ParallelConfig, seed: int) -> ParallelEnv:
     """Initialise (or reuse) the default process group, then megatron's model-parallel groups."""
     from megatron.core import parallel_state
@@ -68,7 +61,7 @@ def init_parallel(cfg: ParallelConfig, seed: int) -> ParallelEnv:
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             dist.init_process_group(backend, init_method="env://")
         else:
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{parallel.free_port()}", rank=0, world_size=1)
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count())))
     parallel.initialize_parallel(parallel.ParallelConfig(cfg.tp, cfg.pp, seed), device)
