@@ -174,12 +174,7 @@ class GRPOTrainer(TrainingSession):
 
     def global_normalizer(self, micro_batches: list) -> float:
         """The aggregation's count over this step's whole batch on every data-parallel replica."""
-        from megatron.core import parallel_state
-
-        from megatron_vlmr1.trainer.distributed import all_reduce_sum
-
-        local = sum(float(loss_normalizer(mb.loss_mask, self.algo)) for mb in micro_batches)
-        return all_reduce_sum([local], group=parallel_state.get_data_parallel_group())[0]
+        return self.data_parallel_sum(sum(float(loss_normalizer(mb.loss_mask, self.algo)) for mb in micro_batches))
 
     def token_loss(self, normalizer: float):
         algo, loss_fn = self.algo, self.policy_loss

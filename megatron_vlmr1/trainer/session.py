@@ -76,6 +76,12 @@ class TrainingSession(abc.ABC):
     def all_reduce(self, values: list[float]) -> list[float]:
         return all_reduce_sum(values)
 
+    def data_parallel_sum(self, value: float) -> float:
+        """Sum over the data-parallel replicas (e.g. a loss normaliser counted over the whole step's batch)."""
+        from megatron.core import parallel_state
+
+        return all_reduce_sum([value], group=parallel_state.get_data_parallel_group())[0]
+
     def reduce_token_metrics(self, outputs: list[dict]) -> dict:
         """Token-weighted means of the loss callback's metrics over micro-batches and replicas.
 

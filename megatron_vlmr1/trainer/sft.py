@@ -65,12 +65,7 @@ class SFTTrainer(TrainingSession):
                    for s in samples]
         micro_batches = make_micro_batches(self.family, self.processor, self.hf_config, prompts, targets,
                                            self.cfg.train.micro_batch_size)
-        local_tokens = sum(float(mb.loss_mask.sum()) for mb in micro_batches)
-        from megatron.core import parallel_state
-
-        from megatron_vlmr1.trainer.distributed import all_reduce_sum
-
-        total_tokens = all_reduce_sum([local_tokens], group=parallel_state.get_data_parallel_group())[0]
+        total_tokens = self.data_parallel_sum(sum(float(mb.loss_mask.sum()) for mb in micro_batches))
 
         def token_loss(batch, logprobs, entropy):
             mask = batch.loss_mask
