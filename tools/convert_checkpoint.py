@@ -34,7 +34,7 @@ def validate_hf_dir(hf_dir: str) -> None:
     """Raise ValueError for an unsupported architecture, missing shards or tensors, or mismatched shapes."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from megatron_vlmr1.vlm.base import get_family
+    from megatron_vlmr1.vlm.families import get_family
     from megatron_vlmr1.vlm.export import SafetensorsReader
 
     family = get_family(hf_dir)
@@ -58,7 +58,7 @@ def validate_hf_dir(hf_dir: str) -> None:
 def validate_mcore_dir(mcore_dir: str) -> dict:
     from megatron.core import dist_checkpointing
 
-    from megatron_vlmr1.vlm.base import get_family
+    from megatron_vlmr1.vlm.families import get_family
     from megatron_vlmr1.vlm.export import hf_config_from_metadata, read_model_metadata
 
     if not os.path.isdir(mcore_dir) or not dist_checkpointing.check_is_distributed_checkpoint(mcore_dir):
@@ -84,7 +84,7 @@ def hf_to_mcore(args: argparse.Namespace) -> float:
     from megatron.core import parallel_state
     from transformers import AutoConfig
 
-    from megatron_vlmr1.vlm.base import get_family
+    from megatron_vlmr1.vlm.families import get_family
     from megatron_vlmr1.vlm.export import load_hf_weights, save_mcore_checkpoint
 
     _init(args.tp, args.pp)

@@ -22,9 +22,9 @@ from megatron_vlmr1.algo.registry import (
     LOSS_AGGREGATIONS,
     POLICY_LOSSES,
     Registry,
-    load_object,
 )
 from megatron_vlmr1.algo.sampling import group_sample_indices, informative_groups
+from megatron_vlmr1.config import load_object
 
 
 def get_advantage_estimator(name: str) -> Callable[..., Any]:

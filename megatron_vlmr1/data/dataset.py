@@ -18,9 +18,10 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from megatron_vlmr1.data.iterator import BatchIterator
+from megatron_vlmr1.data.messages import ChatMessage, build_messages
 from megatron_vlmr1.data.schema import IMAGE_TOKEN, Row, read_jsonl
 from megatron_vlmr1.data.templates import format_question, question_template
 
@@ -91,7 +92,7 @@ class Sample:
     image_paths: list[str]
     image_sizes: list[tuple[int, int]]  # (width, height) of the original images; boxes are in these pixels
     problem: str
-    messages: list[dict[str, Any]]  # [{"role": ..., "content": [{"type": "image"}, {"type": "text", "text": ...}]}]
+    messages: list[ChatMessage]  # [{"role": ..., "content": [{"type": "image"}, {"type": "text", "text": ...}]}]
     solution: str  # "<answer> ... </answer>"
     task: str
     accu_reward_method: str
@@ -104,6 +105,13 @@ class Sample:
                 "image_sizes": list(self.image_sizes), "id": self.id, "source": self.source, **self.extra}
 
 
+def target_image(fields: Mapping[str, Any], num_images: int) -> int:
+    """Index of the image a question refers to: the sample's ``target_image`` when it is a valid index, else 0."""
+    index = fields.get("target_image", 0)
+    valid = isinstance(index, int) and not isinstance(index, bool) and 0 <= index < num_images
+    return index if valid else 0
+
+
 def collate_reward_fields(samples: list[Sample]) -> dict[str, list[Any]]:
     """Column-wise reward fields of a batch: ``fn(completions, **collate_reward_fields(batch))``.
 
@@ -112,16 +120,6 @@ def collate_reward_fields(samples: list[Sample]) -> dict[str, list[Any]]:
     rows = [s.reward_fields() for s in samples]
     keys = list(dict.fromkeys(k for row in rows for k in row))
     return {k: [row.get(k) for row in rows] for k in keys}
-
-
-def build_messages(problem: str, num_images: int, template: str, system_prompt: str | None) -> list[dict]:
-    """Chat messages in the processor's format: images first, then the templated question (as VLM-R1 does)."""
-    content: list[dict[str, Any]] = [{"type": "image"} for _ in range(num_images)]
-    content.append({"type": "text", "text": format_question(template, problem)})
-    messages = [{"role": "user", "content": content}]
-    if system_prompt:
-        messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system_prompt}]})
-    return messages
 
 
 def solution_text(answer: Any) -> str:
@@ -142,7 +140,7 @@ def row_to_sample(row: Row, cfg: DataConfig, reward_method: str) -> Sample:
         image_paths=list(row.image_paths),
         image_sizes=list(row.image_sizes),
         problem=problem,
-        messages=build_messages(problem, len(row.image_paths), template, cfg.system_prompt),
+        messages=build_messages(format_question(template, problem), len(row.image_paths), cfg.system_prompt),
         solution=solution_text(record["conversations"][1]["value"]),
         task=task,
         accu_reward_method=record.get("accu_reward_method", reward_method),

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 from PIL import Image
 
 from megatron_vlmr1.data.templates import known_tasks
 
-IMAGE_TOKEN = "<image>"
+IMAGE_TOKEN = "<image>"  # VLM-R1's marker for "an image goes here" in a question
+ImageInput = Union[str, os.PathLike, Image.Image]
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,18 @@ def upscale_to_min_side(image: Image.Image, min_side: int) -> Image.Image:
     return image.resize(size, Image.Resampling.LANCZOS)
 
 
-def load_image(path: str | Path, min_side: int = 28) -> Image.Image:
-    """RGB image, upscaled to ``min_side`` when smaller (boxes stay in the original size's pixels)."""
-    with Image.open(path) as image:
-        return upscale_to_min_side(image.convert("RGB"), min_side)
+def open_image(image: ImageInput) -> Image.Image:
+    """An RGB PIL image from a path or an image (alpha/greyscale converted, as the processor would); no resizing."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    path = os.fspath(image)
+    if not os.path.exists(path):
+        raise ValueError(f"image file not found: {path}")
+    with Image.open(path) as opened:
+        return opened.convert("RGB")
+
+
+def load_image(image: ImageInput, min_side: int = 28) -> Image.Image:
+    """The one image loader of training, rollout and evaluation: RGB, upscaled to ``min_side`` when smaller (as
+    VLM-R1 does; boxes stay in the original size's pixels)."""
+    return upscale_to_min_side(open_image(image), min_side)

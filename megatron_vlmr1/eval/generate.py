@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from megatron_vlmr1.data import DataConfig, load_samples
+from megatron_vlmr1.data import DataConfig, load_samples, target_image
 from megatron_vlmr1.data import Sample as PromptSample
 from megatron_vlmr1.eval.config import EvalConfig, EvalModelConfig, SplitConfig
 from megatron_vlmr1.eval.io import load_split
@@ -92,8 +92,7 @@ def prediction_row(split: str, sample_id: Any, prompt: PromptSample, result: "Ro
     row: dict[str, Any] = {"split": split, "id": sample_id, "completion": result.completions[0].text,
                            "image_size": None, "resized_size": None}
     if prompt.image_paths:
-        target = prompt.extra.get("target_image", 0)
-        index = target if isinstance(target, int) and 0 <= target < len(prompt.image_paths) else 0
+        index = target_image(prompt.extra, len(prompt.image_paths))
         width, height = prompt.image_sizes[index]
         resized_height, resized_width = result.images[index].resized
         row["image_size"] = [width, height]

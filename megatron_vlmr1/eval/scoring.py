@@ -11,6 +11,7 @@ from typing import Any
 
 from PIL import Image
 
+from megatron_vlmr1.data import target_image
 from megatron_vlmr1.eval.io import Prediction, Sample, load_coco_json, sample_solution
 from megatron_vlmr1.rewards.boxes import box_iou, greedy_match, iou_matrix, to_original_space
 from megatron_vlmr1.rewards.coco import coco_bbox_ap, coco_from_dataset, xyxy_to_xywh
@@ -27,7 +28,7 @@ def _image_size(sample: Sample, prediction: Prediction, image_root: str | None) 
         return sample.record["image_size"]
     image = sample.record.get("image")
     if isinstance(image, list):
-        image = image[sample.record.get("target_image", 0)] if image else None
+        image = image[target_image(sample.record, len(image))] if image else None
     if image_root is None or not isinstance(image, str):
         raise ValueError(
             f"{prediction.where}: box_space needs the original image size: give 'image_size' in the prediction "

@@ -14,12 +14,13 @@ import math
 from typing import Any, Callable, NamedTuple, Sequence
 
 from megatron_vlmr1.config import load_object
+from megatron_vlmr1.registry import Registry
 from megatron_vlmr1.rewards.parsing import completion_text
 
 RewardFn = Callable[..., list[float]]
 SampleRewardFn = Callable[..., float]
 
-_REGISTRY: dict[str, RewardFn] = {}
+_REGISTRY: Registry[RewardFn] = Registry("reward", import_kind="custom reward")
 
 
 class RewardFieldError(ValueError):
@@ -30,10 +31,7 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
     """Register a batch reward ``fn(completions, **fields) -> list[float]`` under ``name`` (duplicates raise)."""
 
     def decorator(fn: RewardFn) -> RewardFn:
-        if name in _REGISTRY:
-            raise ValueError(f"reward {name!r} is already registered (by {_REGISTRY[name].__module__})")
-        _REGISTRY[name] = fn
-        return fn
+        return _REGISTRY.add(name, fn)
 
     return decorator
 
@@ -92,7 +90,7 @@ def register_sample_reward(name: str) -> Callable[[SampleRewardFn], SampleReward
 
 
 def list_rewards() -> list[str]:
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def _load_custom(spec: str) -> RewardFn:
@@ -121,7 +119,7 @@ def get_reward(name: str) -> RewardFn:
         return _load_custom(name)
     if name not in _REGISTRY:
         raise ValueError(f"unknown reward {name!r}; known: {list_rewards()} (or package.module:function)")
-    return _REGISTRY[name]
+    return _REGISTRY.get(name)
 
 
 class CombinedRewards(NamedTuple):

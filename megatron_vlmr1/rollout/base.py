@@ -1,8 +1,9 @@
 """The rollout-engine interface shared by the transformers and vLLM engines.
 
 An engine turns prompts (chat messages + images) into G sampled completions each, and takes new weights in place
-between GRPO steps. Both engines encode prompts with ``vlm.qwen_vl.processor.encode_prompt``, so the prompt ids
-they return are exactly what the trainer scores.
+between GRPO steps. An engine holds the model's family (``vlm.base.VLMFamily``) and encodes each prompt once with
+``family.encode_prompt``; its result carries that ``EncodedPrompt`` (ids, pixel values, image geometry), which the
+trainer scores as is, so the trainer scores exactly the prompt that was sampled from and nothing is encoded twice.
 
 Definitions every engine follows (the trainer depends on them):
 
@@ -14,7 +15,7 @@ Definitions every engine follows (the trainer depends on them):
   the model's unmodified distribution (temperature 1, no top-k / top-p truncation), at the position that produced
   it. This is what the trainer recomputes as the "old" policy log-prob, so the two can be compared directly; it is
   *not* the log-probability under the tempered/truncated distribution the token was drawn from.
-* vision placeholder tokens (``VISION_PLACEHOLDERS``) are never sampled: a completion holding one would not be a
+* vision placeholder tokens (the family's ``vision_placeholders``) are never sampled: a completion holding one would not be a
   valid model input (its image tokens would not match the images). Their raw log-probs still count in the
   normalisation of every other token's log-prob.
 * ``finish_reason`` is ``"stop"`` (EOS or stop string) or ``"length"`` (``max_new_tokens`` or the engine's
@@ -25,32 +26,22 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
-from typing import Any, Iterable, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Literal, Sequence
 
 import torch
 
-from megatron_vlmr1.vlm.qwen_vl.processor import (
-    EncodedPrompt,
-    ImageGeometry,
-    ImageInput,
-    build_messages,
-    encode_prompt,
-)
+from megatron_vlmr1.data.messages import ChatMessage, build_messages
+from megatron_vlmr1.vlm.inputs import EncodedPrompt, ImageGeometry, ImageInput
+
+if TYPE_CHECKING:
+    from transformers import ProcessorMixin
+
+    from megatron_vlmr1.vlm.base import VLMFamily
 
 FinishReason = Literal["stop", "length"]
 
 # The smallest sampling temperature; vLLM samples greedily below it.
 MIN_TEMPERATURE = 1e-5
-
-# Tokens that mark image/video positions in a prompt; no engine may sample them.
-VISION_PLACEHOLDERS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
-
-
-def banned_token_ids(tokenizer: Any) -> list[int]:
-    """Ids of the ``VISION_PLACEHOLDERS`` this tokenizer has, sorted."""
-    vocab = tokenizer.get_vocab()
-    return sorted(vocab[token] for token in VISION_PLACEHOLDERS if token in vocab)
-
 
 @dataclasses.dataclass
 class SamplingConfig:
@@ -100,7 +91,7 @@ class SamplingConfig:
 class RolloutRequest:
     """One prompt: chat messages with one ``{"type": "image"}`` slot per entry of ``images`` (paths or PIL images)."""
 
-    messages: list[dict[str, Any]]
+    messages: list[ChatMessage]
     images: list[ImageInput] = dataclasses.field(default_factory=list)
 
     @classmethod
@@ -122,11 +113,19 @@ class Completion:
 
 @dataclasses.dataclass
 class RolloutResult:
-    """The ``n`` completions of one request, with the prompt ids they continue and the images' geometry."""
+    """The ``n`` completions of one request and the encoded prompt they continue (what the trainer scores)."""
 
-    prompt_ids: list[int]
+    prompt: EncodedPrompt
     completions: list[Completion]
-    images: list[ImageGeometry]
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.prompt.input_ids
+
+    @property
+    def images(self) -> list[ImageGeometry]:
+        """Each image's original and resized size (box rewards and evaluation rescale with it)."""
+        return self.prompt.images
 
 
 def weight_group(hf_name: str) -> str:
@@ -167,11 +166,11 @@ def weight_buckets(weights: Iterable[tuple[str, torch.Tensor]],
         yield bucket
 
 
-def encode_request(processor: Any, index: int, request: RolloutRequest) -> EncodedPrompt:
-    """``encode_prompt`` with the request's index in the error: an unreadable image file (PIL raises ``OSError``)
-    or one the image processor rejects becomes a ``ValueError`` before any generation starts."""
+def encode_request(family: VLMFamily, processor: ProcessorMixin, index: int, request: RolloutRequest) -> EncodedPrompt:
+    """``family.encode_prompt`` with the request's index in the error: an unreadable image file (PIL raises
+    ``OSError``) or one the image processor rejects becomes a ``ValueError`` before any generation starts."""
     try:
-        return encode_prompt(processor, request.messages, request.images)
+        return family.encode_prompt(processor, request.messages, request.images)
     except (OSError, ValueError) as err:
         raise ValueError(f"request {index}: {err}") from err
 
@@ -180,6 +179,7 @@ class RolloutEngine(abc.ABC):
     """Generates G completions per prompt; receives the trainer's weights in place between steps."""
 
     max_model_len: int
+    family: VLMFamily
 
     @abc.abstractmethod
     def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig) -> list[RolloutResult]:

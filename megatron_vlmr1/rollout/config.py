@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 
 from megatron_vlmr1.rollout.base import RolloutEngine, SamplingConfig
+from megatron_vlmr1.vlm.base import VLMFamily
 
 
 @dataclasses.dataclass
@@ -53,20 +54,21 @@ class RolloutConfig:
 
 
 def build_engine(cfg: RolloutConfig, hf_path: str, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu") -> RolloutEngine:
+                 device: str | torch.device = "cpu", family: VLMFamily | None = None) -> RolloutEngine:
     """The configured engine, loaded from an HF checkpoint (its weights are replaced each step anyway).
 
     ``device`` places the transformers engine's model (the trainer's device); vLLM picks its own device.
+    ``family`` is the checkpoint's model family (the trainer passes the one it holds; None looks it up).
     """
     if cfg.engine == "hf":
         from megatron_vlmr1.rollout.hf import HFRolloutEngine
 
-        return HFRolloutEngine.from_pretrained(hf_path, dtype=dtype, device=device, max_model_len=cfg.max_model_len,
-                                               max_batch_size=cfg.max_batch_size)
+        return HFRolloutEngine.from_pretrained(hf_path, dtype=dtype, device=device, family=family,
+                                               max_model_len=cfg.max_model_len, max_batch_size=cfg.max_batch_size)
     from megatron_vlmr1.rollout.vllm import VLLMRolloutEngine
 
     return VLLMRolloutEngine(hf_path, max_model_len=cfg.max_model_len, max_images_per_prompt=cfg.max_images_per_prompt,
                              max_num_seqs=cfg.max_batch_size, dtype=str(dtype).removeprefix("torch."),
                              kv_cache_gb=cfg.kv_cache_gb, gpu_memory_utilization=cfg.gpu_memory_utilization,
                              enforce_eager=cfg.enforce_eager, sleep=cfg.vllm_sleep,
-                             sync_bucket_bytes=max(1, int(cfg.sync_bucket_mb * 2**20)))
+                             sync_bucket_bytes=max(1, int(cfg.sync_bucket_mb * 2**20)), family=family)

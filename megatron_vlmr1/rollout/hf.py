@@ -9,7 +9,7 @@ the model's device (a CPU generator cannot draw on CUDA tensors), so CPU and GPU
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
 
@@ -19,10 +19,13 @@ from megatron_vlmr1.rollout.base import (
     RolloutRequest,
     RolloutResult,
     SamplingConfig,
-    banned_token_ids,
     encode_request,
 )
-from megatron_vlmr1.vlm.qwen_vl.processor import EncodedPrompt, collate_prompts, image_token_id
+from megatron_vlmr1.vlm.base import VLMFamily
+from megatron_vlmr1.vlm.inputs import EncodedPrompt
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, ProcessorMixin
 
 
 def filter_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -87,34 +90,42 @@ def resolve_parameter_name(name: str, params: dict[str, torch.nn.Parameter]) -> 
 class HFRolloutEngine(RolloutEngine):
     """Generates with a transformers VLM in this process (CPU or one GPU)."""
 
-    def __init__(self, model: torch.nn.Module, processor: Any, max_model_len: int = 4096, max_batch_size: int = 64):
+    def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, family: VLMFamily, max_model_len: int = 4096,
+                 max_batch_size: int = 64):
         if max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {max_model_len}")
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model = model.eval()
         self.processor = processor
+        self.family = family
         self.max_model_len = max_model_len
         self.max_batch_size = max_batch_size
         eos = model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         self.eos_token_ids = set(eos) | {processor.tokenizer.eos_token_id}
         self.pad_token_id = processor.tokenizer.pad_token_id
-        self.image_token_id = image_token_id(processor)
-        self.merge_size = model.config.vision_config.spatial_merge_size
-        self.banned_ids = banned_token_ids(processor.tokenizer)
+        self.banned_ids = family.banned_token_ids(processor.tokenizer)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu", **kwargs: Any) -> "HFRolloutEngine":
-        """Load an HF checkpoint onto ``device`` (the trainer passes its own: a CUDA run rolls out on the GPU)."""
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+                        device: str | torch.device = "cpu", family: VLMFamily | None = None, max_model_len: int = 4096,
+                        max_batch_size: int = 64) -> "HFRolloutEngine":
+        """Load an HF checkpoint onto ``device`` (the trainer passes its own: a CUDA run rolls out on the GPU).
+
+        ``family`` is the checkpoint's model family (the trainer passes the one it holds; None looks it up).
+        """
+        from transformers import AutoModelForImageTextToText
+
+        from megatron_vlmr1.vlm.families import get_family
 
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("HFRolloutEngine: device is cuda but CUDA is not available here")
+        family = family or get_family(path)
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
-        return cls(model, AutoProcessor.from_pretrained(path), **kwargs)
+        return cls(model, family.load_processor(path), family, max_model_len=max_model_len,
+                   max_batch_size=max_batch_size)
 
     @property
     def device(self) -> torch.device:
@@ -126,7 +137,8 @@ class HFRolloutEngine(RolloutEngine):
 
     def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig) -> list[RolloutResult]:
         sampling.validate()
-        prompts = [encode_request(self.processor, index, request) for index, request in enumerate(requests)]
+        prompts = [encode_request(self.family, self.processor, index, request)
+                   for index, request in enumerate(requests)]
         for index, prompt in enumerate(prompts):
             self.check_prompt_length(index, len(prompt.input_ids))
         generator = self.make_generator(sampling.seed)
@@ -134,13 +146,13 @@ class HFRolloutEngine(RolloutEngine):
         completions: list[Completion] = []
         for start in range(0, len(rows), self.max_batch_size):
             completions.extend(self._generate_rows(rows[start:start + self.max_batch_size], sampling, generator))
-        return [RolloutResult(prompt.input_ids, completions[i * sampling.n:(i + 1) * sampling.n], prompt.images)
+        return [RolloutResult(prompt, completions[i * sampling.n:(i + 1) * sampling.n])
                 for i, prompt in enumerate(prompts)]
 
     @torch.no_grad()
     def _generate_rows(self, rows: list[EncodedPrompt], sampling: SamplingConfig,
                        generator: torch.Generator) -> list[Completion]:
-        batch = collate_prompts(rows, self.pad_token_id, self.image_token_id, self.merge_size)
+        batch = self.family.collate_prompts(self.processor, self.model.config, rows)
         device = self.device
         attention_mask = batch.attention_mask.to(device)
         # Next text position per row: one past the largest mrope position of its prompt (images can make the

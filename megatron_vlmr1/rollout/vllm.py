@@ -5,9 +5,9 @@ exported ``(hf_name, tensor)`` pairs go to ``collective_rpc("reload_weights", ..
 checkpoint loader (renaming, q/k/v and gate/up stacking, CPU repacking) on them. Calling the model's
 ``load_weights`` directly fails on the CPU backend, whose repacked linear layers lose their ``weight_loader``.
 
-Prompts are handed to vLLM as the *unexpanded* template ids (one ``<|image_pad|>`` per image) plus the images; vLLM's
-Qwen-VL processor expands them, and the result is checked against ``encode_prompt``'s ids, so the trainer scores
-exactly the prompt vLLM sampled from. Log-probs use vLLM's ``raw_logprobs`` mode, which matches the definition in
+Prompts are handed to vLLM as the *unexpanded* template ids (the family's ``render_prompt``: one image placeholder
+per image) plus the images the family loaded; vLLM's processor expands them, and the result is checked against
+``family.encode_prompt``'s ids, so the trainer scores exactly the prompt vLLM sampled from. Log-probs use vLLM's ``raw_logprobs`` mode, which matches the definition in
 ``rollout.base``.
 
 Weights arrive as a stream and are reloaded bucket by bucket (``base.weight_buckets``): one ``reload_weights`` call
@@ -30,11 +30,11 @@ from megatron_vlmr1.rollout.base import (
     RolloutRequest,
     RolloutResult,
     SamplingConfig,
-    banned_token_ids,
     encode_request,
     weight_buckets,
 )
-from megatron_vlmr1.vlm.qwen_vl.processor import count_images, load_image, render_prompt
+from megatron_vlmr1.data.messages import count_images
+from megatron_vlmr1.vlm.base import VLMFamily
 
 
 # vLLM clamps logit biases to [-100, 100]; -100 on a logit makes a token's probability ~e^-100 of the best one's.
@@ -75,7 +75,7 @@ class VLLMRolloutEngine(RolloutEngine):
     def __init__(self, model_path: str | Path, max_model_len: int = 4096, max_images_per_prompt: int = 4,
                  max_num_seqs: int = 64, dtype: str = "float32", kv_cache_gb: int = 1,
                  gpu_memory_utilization: float = 0.5, enforce_eager: bool = True, seed: int = 0,
-                 sync_bucket_bytes: int = 512 * 2**20, sleep: bool = False):
+                 sync_bucket_bytes: int = 512 * 2**20, sleep: bool = False, family: VLMFamily | None = None):
         if max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {max_model_len}")
         if max_images_per_prompt < 0:
@@ -86,15 +86,18 @@ class VLLMRolloutEngine(RolloutEngine):
         # backend's KV-cache size (GiB). Explicit settings in the environment win.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gb))
-        from transformers import AutoConfig, AutoProcessor
+        from transformers import AutoConfig
         from vllm import LLM
 
+        from megatron_vlmr1.vlm.families import get_family
+
         self.max_model_len = max_model_len
-        self.processor = AutoProcessor.from_pretrained(model_path)
+        self.family = family or get_family(model_path)
+        self.processor = self.family.load_processor(model_path)
         config = AutoConfig.from_pretrained(model_path)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.eos_token_ids = self._eos_ids(model_path)
-        self.banned_ids = banned_token_ids(self.processor.tokenizer)
+        self.banned_ids = self.family.banned_token_ids(self.processor.tokenizer)
         self.max_images_per_prompt = max_images_per_prompt
         self.sync_bucket_bytes = sync_bucket_bytes
         # vLLM's CPU worker ignores sleep; only CUDA has the memory allocator that can release and restore.
@@ -124,13 +127,13 @@ class VLLMRolloutEngine(RolloutEngine):
                 raise ValueError(f"request {index}: {count_images(request.messages)} images, the engine allows "
                                  f"{self.max_images_per_prompt} (rollout.max_images_per_prompt)")
             try:
-                images = [load_image(image) for image in request.images]
+                images = [self.family.load_image(image) for image in request.images]
             except (OSError, ValueError) as err:
                 raise ValueError(f"request {index}: {err}") from err
-            prompt = encode_request(self.processor, index, RolloutRequest(request.messages, images))
+            prompt = encode_request(self.family, self.processor, index, RolloutRequest(request.messages, images))
             self.check_prompt_length(index, len(prompt.input_ids))
             prompts.append(prompt)
-            template_ids = self.processor.tokenizer(render_prompt(self.processor, request.messages),
+            template_ids = self.processor.tokenizer(self.family.render_prompt(self.processor, request.messages),
                                                     add_special_tokens=False)["input_ids"]
             item: dict[str, Any] = {"prompt_token_ids": template_ids}
             if images:
@@ -143,11 +146,11 @@ class VLLMRolloutEngine(RolloutEngine):
         for index, (prompt, output) in enumerate(zip(prompts, outputs)):
             if list(output.prompt_token_ids) != prompt.input_ids:
                 raise RuntimeError(f"request {index}: vLLM expanded the prompt to {len(output.prompt_token_ids)} "
-                                   f"tokens, encode_prompt to {len(prompt.input_ids)}; image processing differs")
+                                   f"tokens, family.encode_prompt to {len(prompt.input_ids)}; image processing differs")
             completions = [self._completion(sample) for sample in sorted(output.outputs, key=lambda s: s.index)]
             if sampling.greedy:
                 completions = [copy.deepcopy(completions[0]) for _ in range(sampling.n)]
-            results.append(RolloutResult(prompt.input_ids, completions, prompt.images))
+            results.append(RolloutResult(prompt, completions))
         return results
 
     def _completion(self, sample: Any) -> Completion:

@@ -7,16 +7,20 @@ rank rolls out its own prompts; tensor/pipeline ranks of one replica see the sam
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
-from megatron_vlmr1.algo import AlgoConfig, get_advantage_estimator, get_policy_loss, informative_groups, loss_normalizer
-from megatron_vlmr1.data import DataConfig
+from megatron_vlmr1.algo import AlgoConfig, get_advantage_estimator, get_policy_loss, informative_groups
+from megatron_vlmr1.data import DataConfig, Sample, target_image
+from megatron_vlmr1.rewards import CombinedRewards
+from megatron_vlmr1.rollout.base import RolloutResult
 from megatron_vlmr1.rollout.config import RolloutConfig
 from megatron_vlmr1.trainer.config import (CheckpointConfig, LoopConfig, ModelConfig, OptimConfig, ParallelConfig,
                                            RewardSpec)
 from megatron_vlmr1.trainer.distributed import any_rank
+from megatron_vlmr1.trainer.loss import GRPOLoss
+from megatron_vlmr1.trainer.policy import MicroBatch
 from megatron_vlmr1.trainer.session import TrainingSession, run_cli
 
 
@@ -45,6 +49,22 @@ class GRPORunConfig:
                              f"{self.algo.group_size}; set only algo.group_size")
 
 
+@dataclasses.dataclass
+class RolloutBatch:
+    """This rank's prompts of one step with their rollouts: what ``collect`` hands to the update.
+
+    ``results[i]`` holds the G completions of ``samples[i]`` and the encoded prompt they continue (ids, pixel
+    values, image geometry: the trainer scores it as is, without encoding again). ``rewards`` [prompts * G] are the
+    weighted totals, prompt-major; ``per_reward`` holds every reward of every completion scored this step,
+    including groups dynamic sampling dropped (for logging).
+    """
+
+    samples: list[Sample]
+    results: list[RolloutResult]
+    rewards: list[float]
+    per_reward: dict[str, list[float]]
+
+
 class GRPOTrainer(TrainingSession):
     """Actor, reference and rollout engine are separate objects; this class only orders the phases."""
 
@@ -63,7 +83,8 @@ class GRPOTrainer(TrainingSession):
             self.reference = AdapterFreeReference(self.actor)
         else:
             self.reference = ScoringModel(self.family, self.hf_config, cfg.model.path, self.env, cfg.model)
-        self.engine = build_engine(cfg.rollout, cfg.model.path, self.actor.dtype, device=self.env.device)
+        self.engine = build_engine(cfg.rollout, cfg.model.path, self.actor.dtype, device=self.env.device,
+                                   family=self.family)
         self.policy_loss = get_policy_loss(self.algo.loss)
         self.advantage_fn = get_advantage_estimator(self.algo.advantage)
 
@@ -74,7 +95,7 @@ class GRPOTrainer(TrainingSession):
 
         return self.engine.update_weights(export_hf_weights(self.actor.chunks, self.family))
 
-    def rollout(self, samples: list, step: int, round_index: int):
+    def rollout(self, samples: list[Sample], step: int, round_index: int) -> list[RolloutResult]:
         from megatron_vlmr1.rollout.base import RolloutRequest
 
         sampling = dataclasses.replace(self.cfg.rollout.sampling, n=self.algo.group_size,
@@ -82,7 +103,8 @@ class GRPOTrainer(TrainingSession):
         requests = [RolloutRequest(s.messages, list(s.image_paths)) for s in samples]
         return self.engine.generate(requests, sampling)
 
-    def score(self, samples: list, results: list) -> tuple[list[str], Any]:
+    def score(self, samples: list[Sample], results: list[RolloutResult]) -> CombinedRewards:
+        """Every reward of every completion (prompt-major) and their weighted totals."""
         from megatron_vlmr1.data import collate_reward_fields
 
         group = self.algo.group_size
@@ -90,9 +112,9 @@ class GRPOTrainer(TrainingSession):
         fields = collate_reward_fields([s for s in samples for _ in range(group)])
         fields["box_space"] = [self.cfg.box_space] * len(texts)
         fields["resized_size"] = [resized_size(s, r) for s, r in zip(samples, results) for _ in range(group)]
-        return texts, self.reward_fn(texts, **fields)
+        return self.reward_fn(texts, **fields)
 
-    def collect(self, step: int, metrics: dict) -> tuple[list, list, list[float], dict[str, list[float]]]:
+    def collect(self, step: int, metrics: dict) -> RolloutBatch:
         """Roll out this rank's prompts; with dynamic sampling, keep only groups whose rewards differ."""
         group = self.algo.group_size
         kept_samples, kept_results, kept_total, per_reward = [], [], [], {}
@@ -102,7 +124,7 @@ class GRPOTrainer(TrainingSession):
             with self.timer("rollout", metrics):
                 results = self.rollout(samples, step, round_index)
             with self.timer("reward", metrics):
-                _, rewards = self.score(samples, results)
+                rewards = self.score(samples, results)
             for name, values in rewards.per_reward.items():
                 per_reward.setdefault(name, []).extend(values)
             total = torch.tensor(rewards.total, dtype=torch.float32)
@@ -115,31 +137,32 @@ class GRPOTrainer(TrainingSession):
             if len(kept_samples) >= self.prompts_per_rank:
                 break
         kept = self.prompts_per_rank
-        return kept_samples[:kept], kept_results[:kept], kept_total[:kept * group], per_reward
+        return RolloutBatch(kept_samples[:kept], kept_results[:kept], kept_total[:kept * group], per_reward)
 
     def step(self, step: int) -> dict:
         metrics: dict[str, float] = {}
         with self.timer("sync", metrics):
             metrics["sync_gib"] = self.sync_weights() / 2**30
-        samples, results, total, per_reward = self.collect(step, metrics)
+        batch = self.collect(step, metrics)
         freed = self.engine.sleep()  # vLLM on CUDA with rollout.vllm_sleep: the trainer gets its memory until the sync
         if self.cfg.rollout.vllm_sleep:
             metrics["rollout_sleep_freed_gib"] = freed / 2**30
-        self.log_rollout_metrics(metrics, per_reward, results)
-        if any_rank(not samples):  # collective: a replica without data must not leave the others waiting in DDP
+        self.log_rollout_metrics(metrics, batch.per_reward, batch.results)
+        if any_rank(not batch.samples):  # collective: a replica without data must not leave the others waiting in DDP
             metrics["skipped_no_signal"] = 1.0
             return metrics
-        advantages = self.advantage_fn(torch.tensor(total, dtype=torch.float32), self.algo)
-        micro_batches = self.build_micro_batches(samples, results, advantages)
+        advantages = self.advantage_fn(torch.tensor(batch.rewards, dtype=torch.float32), self.algo)
+        with self.timer("micro_batches", metrics):
+            micro_batches = self.build_micro_batches(batch, advantages)
         with self.timer("old_logprob", metrics):
             self.attach("old_logprobs", micro_batches, self.actor.logprobs(micro_batches) if self.algo.mu > 1 else None)
         with self.timer("ref_logprob", metrics):
             self.attach("ref_logprobs", micro_batches,
                         self.reference.logprobs(micro_batches) if self.reference is not None else None)
-        normalizer = self.global_normalizer(micro_batches)
+        loss = GRPOLoss(self.policy_loss, self.algo, micro_batches, self.env.dp, self.data_parallel_sum)
         with self.timer("update", metrics):
             for _ in range(self.algo.mu):
-                outputs, update = self.actor.train_step(micro_batches, self.token_loss(normalizer))
+                outputs, update = self.actor.train_step(micro_batches, loss)
         metrics.update(update)
         metrics.update(self.reduce_token_metrics(outputs))
         return metrics
@@ -149,16 +172,15 @@ class GRPOTrainer(TrainingSession):
         super().close()
 
     # -- helpers -----------------------------------------------------------------------------------------------
-    def build_micro_batches(self, samples: list, results: list, advantages: torch.Tensor) -> list:
+    def build_micro_batches(self, batch: RolloutBatch, advantages: torch.Tensor) -> list[MicroBatch]:
+        """One row per completion: the engine's encoded prompt (not encoded again) + the completion, with its
+        advantage [rows] and the engine's per-token log-probs."""
         from megatron_vlmr1.trainer.batching import make_micro_batches
 
         prompts, completions, rollout_logprobs = [], [], []
-        for sample, result in zip(samples, results):
-            encoded = self.family.encode_prompt(self.processor, sample.messages, list(sample.image_paths))
-            if list(encoded.input_ids) != list(result.prompt_ids):
-                raise AssertionError("rollout engine and trainer encoded a prompt differently")
+        for result in batch.results:
             for completion in result.completions:
-                prompts.append(encoded)
+                prompts.append(result.prompt)
                 completions.append(completion.completion_ids)
                 rollout_logprobs.append(completion.logprobs)
         return make_micro_batches(self.family, self.processor, self.hf_config, prompts, completions,
@@ -166,36 +188,14 @@ class GRPOTrainer(TrainingSession):
                                   row_token_values={"rollout_logprobs": rollout_logprobs})
 
     @staticmethod
-    def attach(name: str, micro_batches: list, values: list | None) -> None:
+    def attach(name: str, micro_batches: list[MicroBatch], values: list[torch.Tensor] | None) -> None:
         if values is None:
             return
         for batch, value in zip(micro_batches, values):
             batch.fields[name] = value * batch.loss_mask
 
-    def global_normalizer(self, micro_batches: list) -> float:
-        """The aggregation's count over this step's whole batch on every data-parallel replica."""
-        return self.data_parallel_sum(sum(float(loss_normalizer(mb.loss_mask, self.algo)) for mb in micro_batches))
-
-    def token_loss(self, normalizer: float):
-        algo, loss_fn = self.algo, self.policy_loss
-
-        def compute(batch, logprobs, entropy):
-            mask = batch.loss_mask
-            fields = batch.fields
-            old = fields.get("old_logprobs", logprobs.detach())
-            loss, metrics = loss_fn(logprobs, old, fields.get("ref_logprobs"), fields["advantages"], mask, algo,
-                                    rollout_logprobs=fields.get("rollout_logprobs") if algo.tis_cap else None,
-                                    normalizer=normalizer)
-            tokens = mask.sum()
-            mismatch = (logprobs.detach() - fields["rollout_logprobs"]).abs() * mask
-            out = {k: float(v) * float(tokens) for k, v in metrics.items()}
-            out.update(tokens=float(tokens), entropy=float((entropy.detach() * mask).sum()),
-                       rollout_logprob_gap=float(mismatch.sum()), rollout_logprob_gap_max=float(mismatch.max()))
-            return loss, out
-
-        return compute
-
-    def log_rollout_metrics(self, metrics: dict, per_reward: dict, results: list) -> None:
+    def log_rollout_metrics(self, metrics: dict, per_reward: dict[str, list[float]],
+                            results: list[RolloutResult]) -> None:
         """Reward and length statistics over every completion of every data-parallel replica."""
         lengths = [len(c.completion_ids) for r in results for c in r.completions]
         weights = {r.name: r.weight for r in self.cfg.rewards}
@@ -216,12 +216,11 @@ class GRPOTrainer(TrainingSession):
         metrics["rollout_tokens"] = length_sum
 
 
-def resized_size(sample: Any, result: Any) -> list[int] | None:
+def resized_size(sample: Sample, result: RolloutResult) -> list[int] | None:
     """(width, height) of the image the question refers to, as the processor resized it (None: text-only)."""
     if not result.images:
         return None
-    index = sample.extra.get("target_image", 0) if isinstance(sample.extra.get("target_image", 0), int) else 0
-    height, width = result.images[min(max(index, 0), len(result.images) - 1)].resized
+    height, width = result.images[target_image(sample.extra, len(result.images))].resized
     return [width, height]
 
 

@@ -43,7 +43,8 @@ class MicroBatch:
                           {k: move(v) for k, v in self.fields.items()})
 
 
-# (micro_batch, logprobs [b, s-1], entropy [b, s-1]) -> (loss [], metrics)
+# (micro_batch, logprobs [b, s-1], entropy [b, s-1]) -> (loss [], metrics). The loss goes to megatron's schedule
+# as is: a training loss compensates the schedule's averaging itself (``trainer.loss.StepLoss``).
 TokenLoss = Callable[[MicroBatch, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, Any]]]
 
 
@@ -52,18 +53,24 @@ def shifted_targets(batch: MicroBatch, ignore_index: int = -100) -> torch.Tensor
     return batch.input_ids[:, 1:].masked_fill(~batch.loss_mask.bool(), ignore_index)
 
 
+def token_logprobs(logits: torch.Tensor, batch: MicroBatch,
+                   tp_group: torch.distributed.ProcessGroup | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [b, s, vocab_shard] (this TP rank's vocabulary shard) → per-token log-probs and entropies [b, s-1]
+    of the next tokens (the fused vocab-parallel kernel; 0 outside the loss mask)."""
+    return fused_logprob(logits[:, :-1], shifted_targets(batch), tp_group=tp_group, return_entropy=True)
+
+
 class ScoringModel:
     """This pipeline stage's megatron model, loaded from an HF checkpoint; forward-only scoring."""
 
     def __init__(self, family: Any, hf_config: Any, hf_path: str, env: ParallelEnv, model_cfg: ModelConfig):
         from megatron_vlmr1.vlm.export import load_hf_weights
-        from megatron_vlmr1.vlm.qwen_vl.family import default_backend
 
         self.env = env
         self.family = family
         self.dtype = DTYPES[model_cfg.dtype]
         # LoRA hooks need each linear's own input, which Transformer Engine's LayerNorm-fused linears do not expose
-        backend = "local" if model_cfg.train_mode == "lora" else default_backend(env.device)
+        backend = "local" if model_cfg.train_mode == "lora" else family.default_backend(env.device)
         model = family.build_model(hf_config, pre_process=env.is_first_stage, post_process=env.is_last_stage,
                                    params_dtype=self.dtype, backend=backend)
         model.to(env.device)
@@ -89,13 +96,8 @@ class ScoringModel:
         num_micro_batches = len(micro_batches)
 
         def loss_func(batch: MicroBatch, logits: torch.Tensor):
-            logprobs, entropy = fused_logprob(logits[:, :-1], shifted_targets(batch), tp_group=tp_group,
-                                              return_entropy=True)
-            loss, metrics = token_loss(batch, logprobs, entropy)
-            # Token losses are normalised by the count of the whole step's batch over all data-parallel ranks
-            # (micro-batch exact). The schedule divides each micro-batch's loss by their number and DDP averages
-            # gradients over DP ranks; scale both back so the summed gradient is that of the global loss.
-            return loss * (num_micro_batches * self.env.dp), metrics
+            logprobs, entropy = token_logprobs(logits, batch, tp_group)
+            return token_loss(batch, logprobs, entropy)
 
         def forward_step(data_iterator, model):
             batch = next(data_iterator).to(self.env.device)

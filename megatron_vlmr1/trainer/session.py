@@ -32,7 +32,7 @@ class TrainingSession(abc.ABC):
 
         from megatron_vlmr1.data import BatchIterator, load_samples
         from megatron_vlmr1.trainer.policy import ActorModel
-        from megatron_vlmr1.vlm.base import get_family
+        from megatron_vlmr1.vlm.families import get_family
 
         self.cfg = cfg
         self.env = init_parallel(cfg.parallel, cfg.train.seed)

@@ -1,20 +1,18 @@
 """Supervised fine-tuning on the same data: ``python -m megatron_vlmr1 sft --config FILE [key.sub=value ...]``.
 
 The target of a sample is its answer in the R1 format (``<think>…</think><answer>…</answer>``) followed by the
-end-of-turn token, so an SFT-warmed policy already satisfies the format reward and stops on its own. The loss is
-the token-mean negative log-likelihood of the target tokens over the whole step's batch.
+model family's end-of-turn token, so an SFT-warmed policy already satisfies the format reward and stops on its own.
+The loss is the token-mean negative log-likelihood of the target tokens over the whole step's batch.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 
-
 from megatron_vlmr1.data import DataConfig
 from megatron_vlmr1.trainer.config import CheckpointConfig, LoopConfig, ModelConfig, OptimConfig, ParallelConfig
+from megatron_vlmr1.trainer.loss import NLLLoss
 from megatron_vlmr1.trainer.session import TrainingSession, run_cli
-
-END_OF_TURN = "<|im_end|>"
 
 
 @dataclasses.dataclass
@@ -61,22 +59,15 @@ class SFTTrainer(TrainingSession):
         samples = next(self.data)
         tokenizer = self.processor.tokenizer
         prompts = [self.family.encode_prompt(self.processor, s.messages, list(s.image_paths)) for s in samples]
-        targets = [tokenizer(sft_target(s.solution, self.cfg.think) + END_OF_TURN, add_special_tokens=False)["input_ids"]
+        end = self.family.end_of_turn
+        targets = [tokenizer(sft_target(s.solution, self.cfg.think) + end, add_special_tokens=False)["input_ids"]
                    for s in samples]
         micro_batches = make_micro_batches(self.family, self.processor, self.hf_config, prompts, targets,
                                            self.cfg.train.micro_batch_size)
-        total_tokens = self.data_parallel_sum(sum(float(mb.loss_mask.sum()) for mb in micro_batches))
-
-        def token_loss(batch, logprobs, entropy):
-            mask = batch.loss_mask
-            nll = -(logprobs * mask).sum()
-            tokens = float(mask.sum())
-            return nll / max(total_tokens, 1.0), {"loss": float(nll), "tokens": tokens,
-                                                  "entropy": float((entropy.detach() * mask).sum())}
-
+        loss = NLLLoss(micro_batches, self.env.dp, self.data_parallel_sum)
         metrics: dict[str, float] = {}
         with self.timer("update", metrics):
-            outputs, update = self.actor.train_step(micro_batches, token_loss)
+            outputs, update = self.actor.train_step(micro_batches, loss)
         metrics.update(update)
         metrics.update(self.reduce_token_metrics(outputs))
         return metrics

@@ -1,19 +1,28 @@
 """The VLM family interface, and the tensor-parallel layout of megatron-core GPT weights that all families share.
 
 One ``VLMFamily`` per model family (Qwen-VL here, InternVL next). Everything model-specific — building the megatron
-model for a pipeline stage, the HF <-> megatron weight mapping — lives behind it, so the trainer never branches on
-model names: it calls ``get_family(hf_config_or_dir)`` and uses what comes back.
+model for a pipeline stage, the HF <-> megatron weight mapping, chat rendering, image loading and preprocessing,
+placeholder and end-of-turn tokens, the layer backend — lives behind it, so nothing outside ``vlm/`` branches on
+model names or imports a family module: callers get a family from ``megatron_vlmr1.vlm.families.get_family`` and
+use what comes back. This module imports no family (families import it to register themselves).
 """
 from __future__ import annotations
 
 import abc
 import dataclasses
-import json
 import os
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import torch
+from PIL import Image
+
+from megatron_vlmr1.data.schema import load_image
+from megatron_vlmr1.registry import Registry
+from megatron_vlmr1.vlm.inputs import ChatMessage, EncodedPrompt, ImageInput, PromptBatch, TrainingBatch
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase, ProcessorMixin
 
 # ---------------------------------------------------------------------------------------------------------------
 # Tensor-parallel layout of megatron-core's GPT parameters (local and TE specs name them the same way).
@@ -97,21 +106,45 @@ class WeightSpec:
 
     mcore_name: str
     hf_names: tuple[str, ...]
-    to_mcore: Any  # Callable[[list[Tensor]], Tensor]
-    from_mcore: Any  # Callable[[Tensor], list[Tensor]]
+    to_mcore: Callable[[list[torch.Tensor]], torch.Tensor]
+    from_mcore: Callable[[torch.Tensor], list[torch.Tensor]]
+
+
+class ModelLayout(Protocol):
+    """The megatron-side shapes a family derives from the HF config and the TP size (a built model's ``layout``)."""
+
+    num_layers: int
+    num_kv_heads: int
+    tied: bool
+
+    @property
+    def kv_repeat(self) -> int:
+        """How often each KV head is repeated to reach the TP size (1: not repeated)."""
 
 
 class VLMFamily(abc.ABC):
-    """What the trainer, the rollout weight sync and the conversion tool need from a model family."""
+    """Everything model-family specific, behind one typed interface: trainers, engines, evaluation and the
+    conversion tool hold a family object and never import a family module.
+
+    The model side builds a pipeline stage's megatron model and maps weights; the input side renders chat messages,
+    loads and preprocesses images, and lays prompts and completions out as the model wants them.
+    """
 
     model_types: tuple[str, ...] = ()
+    end_of_turn: str = ""  # appended to an SFT target so the policy learns to stop
+    vision_placeholders: tuple[str, ...] = ()  # tokens that mark image/video positions; never sampled
+    min_image_side: int = 28  # smaller images are upscaled on load (aspect kept)
 
+    # -- the model side --------------------------------------------------------------------------------------
     @abc.abstractmethod
-    def build_model(self, hf_config: Any, pre_process: bool, post_process: bool, **kwargs: Any) -> torch.nn.Module:
+    def build_model(self, hf_config: PretrainedConfig, pre_process: bool = True, post_process: bool = True, *,
+                    params_dtype: torch.dtype = torch.float32, backend: str = "local",
+                    num_query_groups: int | None = None, make_vocab_size_divisible_by: int = 128,
+                    **config_overrides: object) -> torch.nn.Module:
         """The megatron model for this pipeline stage (parallel_state must be initialised)."""
 
     @abc.abstractmethod
-    def weight_specs(self, hf_config: Any, layout: Any = None) -> list[WeightSpec]:
+    def weight_specs(self, hf_config: PretrainedConfig, layout: ModelLayout | None = None) -> list[WeightSpec]:
         """Every weight of the model, in a stable order (vision tower, embeddings, layer 0..L-1, final norm, head).
 
         ``layout`` is the family's description of the megatron shapes (TP-dependent, e.g. repeated KV heads); it is
@@ -122,21 +155,56 @@ class VLMFamily(abc.ABC):
         """A HF tensor name in the checkpoint convention ``WeightSpec.hf_names`` uses (identity by default)."""
         return hf_name
 
+    def default_backend(self, device: torch.device) -> str:
+        """The layer implementation for a run on ``device``: ``te`` (Transformer Engine) when it is importable and
+        the run is on CUDA, ``local`` (pure megatron-core) otherwise."""
+        if device.type != "cuda":
+            return "local"
+        try:
+            import transformer_engine  # noqa: F401
+        except ImportError:
+            return "local"
+        return "te"
+
     # -- the input side: what trainers and engines call, so they never branch on the model name --------------
     @abc.abstractmethod
-    def load_processor(self, hf_dir: Any) -> Any:
+    def load_processor(self, hf_dir: str | os.PathLike) -> ProcessorMixin:
         """The HF processor (tokenizer + image processor) saved with the checkpoint."""
 
     @abc.abstractmethod
-    def encode_prompt(self, processor: Any, messages: Any, images: Any) -> Any:
+    def render_prompt(self, processor: ProcessorMixin, messages: Sequence[ChatMessage]) -> str:
+        """The chat template applied with a generation prompt: one (unexpanded) vision block per image slot."""
+
+    def load_image(self, image: ImageInput) -> Image.Image:
+        """RGB image, upscaled to ``min_image_side`` when smaller (the one loader of training, rollout and eval)."""
+        return load_image(image, self.min_image_side)
+
+    @abc.abstractmethod
+    def encode_prompt(self, processor: ProcessorMixin, messages: Sequence[ChatMessage],
+                      images: Sequence[ImageInput]) -> EncodedPrompt:
         """One prompt (chat messages with image slots + images) → model-ready ids and pixels."""
 
     @abc.abstractmethod
-    def training_batch(self, processor: Any, hf_config: Any, prompts: Any, completions: Any) -> Any:
+    def collate_prompts(self, processor: ProcessorMixin, hf_config: PretrainedConfig,
+                        prompts: Sequence[EncodedPrompt]) -> PromptBatch:
+        """Left-padded prompts for generation, with the family's position ids."""
+
+    @abc.abstractmethod
+    def training_batch(self, processor: ProcessorMixin, hf_config: PretrainedConfig,
+                       prompts: Sequence[EncodedPrompt], completions: Sequence[Sequence[int]]) -> TrainingBatch:
         """Right-padded prompt + completion rows with the family's position ids and a completion mask."""
 
-    def pad_token_id(self, processor: Any) -> int:
+    @abc.abstractmethod
+    def image_token_id(self, processor: ProcessorMixin) -> int:
+        """The token an image's features replace in the prompt."""
+
+    def pad_token_id(self, processor: ProcessorMixin) -> int:
         return processor.tokenizer.pad_token_id
+
+    def banned_token_ids(self, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+        """Ids of the ``vision_placeholders`` this tokenizer has, sorted: no engine may sample them."""
+        vocab = tokenizer.get_vocab()
+        return sorted(vocab[token] for token in self.vision_placeholders if token in vocab)
 
 
 def owning_pp_rank(mcore_name: str, num_layers: int, pp_size: int) -> int:
@@ -149,41 +217,20 @@ def owning_pp_rank(mcore_name: str, num_layers: int, pp_size: int) -> int:
     return 0
 
 
-def hf_config_text(hf_config: Any) -> Any:
+def hf_config_text(hf_config: PretrainedConfig) -> PretrainedConfig:
     """The language-model part of a VLM HF config (``text_config`` in transformers 5, the config itself before)."""
     return getattr(hf_config, "text_config", None) or hf_config
 
 
-_FAMILIES: dict[str, VLMFamily] = {}
+# The family registry. A family module registers its instance at import (``register_family``);
+# ``megatron_vlmr1.vlm.families`` imports every family module and looks families up by ``model_type``.
+FAMILIES: Registry[VLMFamily] = Registry("model_type", allow_import_paths=False)
 
 
 def register_family(family: VLMFamily) -> VLMFamily:
+    """Register ``family`` under each of its ``model_types`` (a model_type registered twice raises)."""
     for model_type in family.model_types:
-        if model_type in _FAMILIES:
+        if model_type in FAMILIES:
             raise ValueError(f"model_type {model_type!r} is already registered")
-        _FAMILIES[model_type] = family
+        FAMILIES.add(model_type, family)
     return family
-
-
-def _model_type(hf_config_or_dir: Any) -> str:
-    if isinstance(hf_config_or_dir, (str, os.PathLike)):
-        path = os.path.join(hf_config_or_dir, "config.json")
-        if not os.path.exists(path):
-            raise ValueError(f"{hf_config_or_dir}: no config.json (not a HF model directory)")
-        with open(path) as fh:
-            model_type = json.load(fh).get("model_type")
-        if model_type is None:
-            raise ValueError(f"{path}: no 'model_type' key")
-        return model_type
-    return hf_config_or_dir.model_type
-
-
-def get_family(hf_config_or_dir: Any) -> VLMFamily:
-    """The family for a HF config object or model directory, looked up by its ``model_type``."""
-    import megatron_vlmr1.vlm.qwen_vl.family  # noqa: F401  (registers its family)
-
-    model_type = _model_type(hf_config_or_dir)
-    if model_type not in _FAMILIES:
-        raise ValueError(f"unsupported architecture model_type={model_type!r}; known: {sorted(_FAMILIES)}")
-    return _FAMILIES[model_type]
-

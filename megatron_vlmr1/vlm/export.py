@@ -19,32 +19,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_vlmr1.vlm.base import VLMFamily, WeightSpec, owning_pp_rank, shift_layer_index, tp_merge, tp_split
+from megatron_vlmr1.vlm.base import VLMFamily, WeightSpec, layer_index, owning_pp_rank, shift_layer_index, tp_split
+from megatron_vlmr1.vlm.families import get_family
 from megatron_vlmr1.vlm.lora import merged_parameter
+from megatron_vlmr1.vlm.stages import gather_full_mcore, gather_tp, single_chunk, stage_info, unwrap_model
 
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Strip DDP / Float16Module wrappers (they hold the real model as ``.module``)."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model
-
-
-def _stage_info(model: torch.nn.Module) -> tuple[int, int, int]:
-    """(pp_rank, pp_size, global layer offset of this stage)."""
-    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
-    num_layers = model.layout.num_layers
-    if num_layers % pp_size:
-        raise ValueError(f"{num_layers} layers do not split evenly over PP size {pp_size}")
-    return pp_rank, pp_size, pp_rank * (num_layers // pp_size)
-
-
-def _single_chunk(model_chunks: torch.nn.Module | list[torch.nn.Module]) -> torch.nn.Module:
-    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
-    if len(chunks) != 1:
-        raise ValueError("virtual pipeline stages (several model chunks per rank) are not supported yet")
-    return unwrap_model(chunks[0])
+__all__ = ["export_hf_weights", "gather_full_mcore", "load_hf_weights", "unwrap_model"]
 
 
 def _tied_head_name(model: torch.nn.Module) -> str | None:
@@ -60,7 +40,6 @@ def _owner(spec: WeightSpec, layout: Any, pp_size: int) -> int:
 
 def _buckets(specs: list[WeightSpec], layout: Any, pp_size: int) -> list[list[WeightSpec]]:
     """Consecutive specs with the same (owner stage, layer): the unit of gather + broadcast."""
-    from megatron_vlmr1.vlm.base import layer_index
 
     buckets: list[list[WeightSpec]] = []
     key = None
@@ -74,23 +53,6 @@ def _buckets(specs: list[WeightSpec], layout: Any, pp_size: int) -> list[list[We
     return buckets
 
 
-def _gather_tp(name: str, shard: torch.Tensor, gated: bool = True) -> torch.Tensor:
-    from megatron_vlmr1.vlm.base import tp_partition_dim
-
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    if tp_size == 1 or tp_partition_dim(name) is None:
-        return shard.detach()
-    group = parallel_state.get_tensor_model_parallel_group()
-    shards = [torch.empty_like(shard) for _ in range(tp_size)]
-    dist.all_gather(shards, shard.detach().contiguous(), group=group)
-    return tp_merge(name, shards, gated)
-
-
-def gather_full_mcore(model: torch.nn.Module, local_name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """Full (TP=1 layout) tensor from this TP rank's shard of parameter ``local_name`` (a collective over TP)."""
-    return _gather_tp(local_name, tensor)
-
-
 @torch.no_grad()
 def export_hf_weights(model_chunks: torch.nn.Module | list[torch.nn.Module], family: VLMFamily,
                       dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -101,9 +63,9 @@ def export_hf_weights(model_chunks: torch.nn.Module | list[torch.nn.Module], fam
     yielded tensors (e.g. bf16 for vLLM); None keeps the model's dtype. Tensors are fresh copies (callers may keep
     them), on the CPU when the model is.
     """
-    model = _single_chunk(model_chunks)
+    model = single_chunk(model_chunks)
     layout = model.layout
-    pp_rank, pp_size, offset = _stage_info(model)
+    pp_rank, pp_size, offset = stage_info(model)
     params = dict(model.named_parameters())
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     pp_ranks = dist.get_process_group_ranks(pp_group) if pp_size > 1 else [dist.get_rank()]
@@ -115,7 +77,7 @@ def export_hf_weights(model_chunks: torch.nn.Module | list[torch.nn.Module], fam
                 local = shift_layer_index(spec.mcore_name, -offset)
                 if local not in params:
                     raise ValueError(f"model has no parameter {local} (global {spec.mcore_name}); wrong family?")
-                full[i] = _gather_tp(local, merged_parameter(model, local, params[local]))
+                full[i] = gather_tp(local, merged_parameter(model, local, params[local]))
         if pp_size > 1:
             meta = [[(t.shape, t.dtype) for t in full] if owner == pp_rank else None]
             dist.broadcast_object_list(meta, src=pp_ranks[owner], group=pp_group)
@@ -181,9 +143,9 @@ def load_hf_weights(model_chunks: torch.nn.Module | list[torch.nn.Module], famil
     Only the tensors this pipeline stage owns are read; each is fused/padded to the megatron layout, split for this TP
     rank and copied in place. Every parameter must be covered, and shapes must match, else ``ValueError``.
     """
-    model = _single_chunk(model_chunks)
+    model = single_chunk(model_chunks)
     layout = model.layout
-    pp_rank, pp_size, offset = _stage_info(model)
+    pp_rank, pp_size, offset = stage_info(model)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     if isinstance(source, dict):
@@ -260,7 +222,7 @@ def save_mcore_checkpoint(model_chunks: torch.nn.Module | list[torch.nn.Module],
     distributed checkpoint. A collective over all ranks. Loadable at another TP/PP with ``load_mcore_checkpoint``."""
     from megatron.core import dist_checkpointing
 
-    model = _single_chunk(model_chunks)
+    model = single_chunk(model_chunks)
     os.makedirs(ckpt_dir, exist_ok=True)
     state = {"model": model.sharded_state_dict(), **(extra_state or {})}
     dist_checkpointing.save(state, str(ckpt_dir))
@@ -275,7 +237,7 @@ def load_mcore_checkpoint(model_chunks: torch.nn.Module | list[torch.nn.Module],
     """Load this rank's shards of a checkpoint written by ``save_mcore_checkpoint`` (at any TP/PP) into the model."""
     from megatron.core import dist_checkpointing
 
-    model = _single_chunk(model_chunks)
+    model = single_chunk(model_chunks)
     if not dist_checkpointing.check_is_distributed_checkpoint(str(ckpt_dir)):
         raise ValueError(f"{ckpt_dir} is not a megatron distributed checkpoint")
     metadata = read_model_metadata(ckpt_dir)
@@ -300,7 +262,6 @@ def build_model_from_hf(hf_dir: str | os.PathLike, load_weights: bool = True,
     """
     from transformers import AutoConfig
 
-    from megatron_vlmr1.vlm.base import get_family
 
     hf_config = AutoConfig.from_pretrained(hf_dir)
     family = get_family(hf_config)
@@ -314,7 +275,6 @@ def build_model_from_hf(hf_dir: str | os.PathLike, load_weights: bool = True,
 
 def build_model_for_checkpoint(ckpt_dir: str | os.PathLike, **build_kwargs: Any) -> tuple[torch.nn.Module, Any]:
     """This stage's model shaped to fit ``ckpt_dir`` (at the current TP/PP), and its family. Weights not loaded."""
-    from megatron_vlmr1.vlm.base import get_family
 
     metadata = read_model_metadata(ckpt_dir)
     hf_config = hf_config_from_metadata(metadata)

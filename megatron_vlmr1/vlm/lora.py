@@ -37,6 +37,9 @@ from typing import Any, Iterator
 
 import torch
 
+from megatron_vlmr1.vlm.base import shift_layer_index
+from megatron_vlmr1.vlm.stages import gather_full_mcore, single_chunk, stage_info, unwrap_model
+
 LORA_TARGETS = {"linear_qkv": "column", "linear_fc1": "column", "linear_proj": "row", "linear_fc2": "row"}
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 
@@ -144,9 +147,6 @@ def apply_lora(model: torch.nn.Module, rank: int, alpha: float, dropout: float =
     """
     from megatron.core import parallel_state
 
-    from megatron_vlmr1.vlm.base import shift_layer_index
-    from megatron_vlmr1.vlm.export import _stage_info
-
     unknown = sorted(set(targets) - set(LORA_TARGETS))
     if unknown:
         raise ValueError(f"model.lora_targets: unknown {unknown}; known: {sorted(LORA_TARGETS)}")
@@ -158,7 +158,7 @@ def apply_lora(model: torch.nn.Module, rank: int, alpha: float, dropout: float =
         raise ValueError(f"model.lora_dropout={dropout} must be in [0, 1)")
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    _, _, offset = _stage_info(model)
+    _, _, offset = stage_info(model)
     model.requires_grad_(False)
     adapted = []
     for name, kind, linear in list(_adapted_linears(model, list(targets))):
@@ -190,7 +190,6 @@ def apply_lora(model: torch.nn.Module, rank: int, alpha: float, dropout: float =
 
 def lora_adapters(model: torch.nn.Module) -> dict[str, LoRAAdapter]:
     """Adapted linear name -> its adapter (names local to this pipeline stage)."""
-    from megatron_vlmr1.vlm.export import unwrap_model
 
     return {name: module.lora for name, module in unwrap_model(model).named_modules()
             if isinstance(getattr(module, "lora", None), LoRAAdapter)}
@@ -248,11 +247,9 @@ def peft_state_dict(model_chunks: torch.nn.Module | list[torch.nn.Module], famil
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from megatron_vlmr1.vlm.base import shift_layer_index
-    from megatron_vlmr1.vlm.export import _single_chunk, _stage_info, gather_full_mcore
 
-    model = _single_chunk(model_chunks)
-    _, pp_size, offset = _stage_info(model)
+    model = single_chunk(model_chunks)
+    _, pp_size, offset = stage_info(model)
     local: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     settings = None
     for name, adapter in lora_adapters(model).items():

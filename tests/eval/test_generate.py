@@ -17,7 +17,7 @@ from megatron_vlmr1.eval.config import EvalConfig, EvalModelConfig, SplitConfig
 from megatron_vlmr1.eval.generate import PREDICTIONS_FILE, generate_predictions_file
 from megatron_vlmr1.eval.run import evaluate, load_eval_config, main
 from megatron_vlmr1.rollout.base import Completion, RolloutEngine, RolloutResult
-from megatron_vlmr1.vlm.qwen_vl.processor import ImageGeometry
+from megatron_vlmr1.vlm.inputs import EncodedPrompt, ImageGeometry
 
 
 class StubEngine(RolloutEngine):
@@ -42,7 +42,7 @@ class StubEngine(RolloutEngine):
                     width, height = image.size
                 geometry.append(ImageGeometry((height, width), (round(height * self.scale), round(width * self.scale))))
             text = self.answers[request.images[0]]
-            results.append(RolloutResult([], [Completion([0], text, [0.0], "stop")], geometry))
+            results.append(RolloutResult(EncodedPrompt([], None, None, geometry), [Completion([0], text, [0.0], "stop")]))
         return results
 
     def update_weights(self, weights):

@@ -46,7 +46,7 @@ def test_duplicate_registration_raises():
 
 
 def test_register_new_batch_and_sample_rewards(monkeypatch):
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_REGISTRY", registry._REGISTRY.copy())
     register_reward("test_constant")(constant_half)
     assert get_reward("test_constant")(["a", "b"]) == [0.5, 0.5]
 

@@ -9,7 +9,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
-from megatron_vlmr1.rollout.base import VISION_PLACEHOLDERS, RolloutRequest, SamplingConfig, banned_token_ids
+from megatron_vlmr1.rollout.base import RolloutRequest, SamplingConfig
 from megatron_vlmr1.rollout.config import RolloutConfig, build_engine
 from megatron_vlmr1.rollout.hf import HFRolloutEngine, filter_top_k, filter_top_p, sample_tokens
 from megatron_vlmr1.vlm.qwen_vl.processor import build_training_batch, encode_prompt, image_token_id
@@ -184,8 +184,8 @@ def test_update_weights_accepts_transformers_names_and_rejects_bad_ones(engine, 
 
 
 def test_vision_placeholders_are_never_sampled_but_logprobs_stay_raw(engine):
-    banned = banned_token_ids(engine.processor.tokenizer)
-    assert banned == sorted(engine.processor.tokenizer.convert_tokens_to_ids(list(VISION_PLACEHOLDERS)))
+    banned = engine.family.banned_token_ids(engine.processor.tokenizer)
+    assert banned == sorted(engine.processor.tokenizer.convert_tokens_to_ids(list(engine.family.vision_placeholders)))
     logits = torch.zeros(2, 20)
     logits[:, 12] = 9.0  # the best token is banned
     logits[:, 4] = 1.0

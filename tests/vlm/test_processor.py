@@ -7,9 +7,9 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
+from megatron_vlmr1.data import build_messages
 from megatron_vlmr1.vlm.qwen_vl.processor import (
     ImageGeometry,
-    build_messages,
     build_training_batch,
     collate_prompts,
     encode_prompt,

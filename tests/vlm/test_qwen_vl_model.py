@@ -18,9 +18,9 @@ LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 def _gathered_grads(model) -> dict[str, torch.Tensor]:
     """Full (TP-merged) gradients keyed by global megatron name (this stage's parameters only)."""
     from megatron_vlmr1.vlm.base import shift_layer_index
-    from megatron_vlmr1.vlm.export import _stage_info, gather_full_mcore
+    from megatron_vlmr1.vlm.stages import gather_full_mcore, stage_info
 
-    _, _, offset = _stage_info(model)
+    _, _, offset = stage_info(model)
     return {shift_layer_index(name, offset): gather_full_mcore(model, name, p.grad)
             for name, p in model.named_parameters()}
 

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from megatron_vlmr1.vlm.base import get_family, owning_pp_rank, shift_layer_index, tp_merge, tp_split
+from megatron_vlmr1.vlm.base import owning_pp_rank, shift_layer_index, tp_merge, tp_split
+from megatron_vlmr1.vlm.families import get_family
 from megatron_vlmr1.vlm.qwen_vl import weights
 
 

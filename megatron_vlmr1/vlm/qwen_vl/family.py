@@ -1,16 +1,23 @@
 """The Qwen-VL ``VLMFamily``: Qwen2-VL and Qwen2.5-VL (same language model, different vision towers)."""
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from megatron_vlmr1.vlm.base import VLMFamily, WeightSpec, register_family
+from megatron_vlmr1.vlm.base import ModelLayout, VLMFamily, WeightSpec, register_family
+from megatron_vlmr1.vlm.inputs import ChatMessage, EncodedPrompt, ImageInput, PromptBatch, TrainingBatch
+from megatron_vlmr1.vlm.qwen_vl import processor as inputs
 from megatron_vlmr1.vlm.qwen_vl import weights
 from megatron_vlmr1.vlm.qwen_vl.model import QwenVLModel, transformer_config, vision_class
 
+if TYPE_CHECKING:
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from transformers import PretrainedConfig, ProcessorMixin
 
-def layer_spec(backend: str) -> Any:
+
+def layer_spec(backend: str) -> ModuleSpec:
     """megatron layer spec: ``local`` (pure megatron-core, runs on CPU) or ``te`` (Transformer Engine, CUDA)."""
     if backend == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
@@ -23,29 +30,21 @@ def layer_spec(backend: str) -> Any:
     raise ValueError(f"model backend {backend!r}: expected 'local' or 'te'")
 
 
-def default_backend(device: str | torch.device) -> str:
-    """TE when it is importable and the run is on CUDA, local otherwise."""
-    if torch.device(device).type != "cuda":
-        return "local"
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return "local"
-    return "te"
-
-
 class QwenVLFamily(VLMFamily):
     model_types = ("qwen2_5_vl", "qwen2_vl")
+    end_of_turn = "<|im_end|>"
+    vision_placeholders = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
+    min_image_side = 28  # one merged 2x2 group of 14-pixel patches
 
-    def layout(self, hf_config: Any, tp_size: int = 1, num_query_groups: int | None = None,
+    def layout(self, hf_config: PretrainedConfig, tp_size: int = 1, num_query_groups: int | None = None,
                make_vocab_size_divisible_by: int = 128, backend: str = "local") -> weights.QwenLayout:
         return weights.make_layout(hf_config, tp_size, num_query_groups, make_vocab_size_divisible_by,
                                    fused_norm=backend == "te")
 
-    def build_model(self, hf_config: Any, pre_process: bool = True, post_process: bool = True, *,
+    def build_model(self, hf_config: PretrainedConfig, pre_process: bool = True, post_process: bool = True, *,
                     params_dtype: torch.dtype = torch.float32, backend: str = "local",
                     num_query_groups: int | None = None, make_vocab_size_divisible_by: int = 128,
-                    **config_overrides: Any) -> QwenVLModel:
+                    **config_overrides: object) -> QwenVLModel:
         """This stage's model, randomly initialised (load weights with ``export.load_hf_weights``).
 
         ``num_query_groups`` defaults to the KV heads, repeated up to the TP size when TP exceeds them; pass it
@@ -58,35 +57,44 @@ class QwenVLFamily(VLMFamily):
         config = transformer_config(hf_config, layout, params_dtype, **config_overrides)
         return QwenVLModel(hf_config, config, layout, layer_spec(backend), pre_process, post_process)
 
-    def vision_weight_names(self, hf_config: Any) -> list[str]:
+    def vision_weight_names(self, hf_config: PretrainedConfig) -> list[str]:
         """State-dict names of the vision tower (built on the meta device: no memory, no init)."""
         with torch.device("meta"):
             tower = vision_class(hf_config.model_type)._from_config(hf_config.vision_config)
         return list(tower.state_dict().keys())
 
-    def weight_specs(self, hf_config: Any, layout: weights.QwenLayout | None = None) -> list[WeightSpec]:
+    def weight_specs(self, hf_config: PretrainedConfig, layout: ModelLayout | None = None) -> list[WeightSpec]:
         layout = layout or self.layout(hf_config)
         return weights.weight_specs(hf_config, layout, self.vision_weight_names(hf_config))
 
     def checkpoint_name(self, hf_name: str) -> str:
         return weights.to_checkpoint_name(hf_name)
 
-    def load_processor(self, hf_dir: Any) -> Any:
+    def load_processor(self, hf_dir: str | os.PathLike) -> ProcessorMixin:
         from transformers import AutoProcessor
 
         return AutoProcessor.from_pretrained(hf_dir)
 
-    def encode_prompt(self, processor: Any, messages: Any, images: Any) -> Any:
-        from megatron_vlmr1.vlm.qwen_vl import processor as inputs
+    def render_prompt(self, processor: ProcessorMixin, messages: Sequence[ChatMessage]) -> str:
+        return inputs.render_prompt(processor, messages)
 
-        return inputs.encode_prompt(processor, messages, images)
+    def encode_prompt(self, processor: ProcessorMixin, messages: Sequence[ChatMessage],
+                      images: Sequence[ImageInput]) -> EncodedPrompt:
+        return inputs.encode_prompt(processor, messages, images, open_image=self.load_image)
 
-    def training_batch(self, processor: Any, hf_config: Any, prompts: Any, completions: Any) -> Any:
-        from megatron_vlmr1.vlm.qwen_vl import processor as inputs
+    def collate_prompts(self, processor: ProcessorMixin, hf_config: PretrainedConfig,
+                        prompts: Sequence[EncodedPrompt]) -> PromptBatch:
+        return inputs.collate_prompts(prompts, self.pad_token_id(processor), self.image_token_id(processor),
+                                      hf_config.vision_config.spatial_merge_size)
 
+    def training_batch(self, processor: ProcessorMixin, hf_config: PretrainedConfig,
+                       prompts: Sequence[EncodedPrompt], completions: Sequence[Sequence[int]]) -> TrainingBatch:
         return inputs.build_training_batch(prompts, completions, self.pad_token_id(processor),
-                                           inputs.image_token_id(processor),
+                                           self.image_token_id(processor),
                                            hf_config.vision_config.spatial_merge_size)
+
+    def image_token_id(self, processor: ProcessorMixin) -> int:
+        return inputs.image_token_id(processor)
 
 
 QWEN_VL = register_family(QwenVLFamily())

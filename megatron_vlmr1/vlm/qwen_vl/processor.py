@@ -13,125 +13,25 @@ Layout conventions:
 """
 from __future__ import annotations
 
-import dataclasses
-import os
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from PIL import Image
 
-IMAGE_PLACEHOLDER = "<image>"  # VLM-R1's marker for "an image goes here" in a human turn
+from megatron_vlmr1.data.messages import ChatMessage, count_images
+from megatron_vlmr1.data.schema import load_image
+from megatron_vlmr1.vlm.inputs import EncodedPrompt, ImageGeometry, ImageInput, PromptBatch, TrainingBatch
 
-ImageInput = str | os.PathLike | Image.Image
+if TYPE_CHECKING:
+    from transformers import ProcessorMixin
 
+__all__ = ["EncodedPrompt", "ImageGeometry", "PromptBatch", "TrainingBatch", "build_training_batch",
+           "collate_prompts", "encode_prompt", "expand_image_tokens", "image_token_id", "image_tokens_per_image",
+           "mrope_position_ids", "render_prompt"]
 
-@dataclasses.dataclass(frozen=True)
-class ImageGeometry:
-    """Original image size and the size the processor resized it to (what the model's coordinates refer to).
-
-    Sizes are ``(height, width)`` in pixels. Boxes predicted in resized pixels map to the original image by
-    multiplying x by ``original[1] / resized[1]`` and y by ``original[0] / resized[0]``.
-    """
-
-    original: tuple[int, int]
-    resized: tuple[int, int]
-
-
-@dataclasses.dataclass
-class EncodedPrompt:
-    """One prompt ready for a model: image tokens expanded, images preprocessed.
-
-    ``input_ids`` [seq] (list of ints), ``pixel_values`` [num_patches, channels * temporal_patch * patch**2] or None,
-    ``image_grid_thw`` [num_images, 3] (in patches, before merging) or None, ``images`` one geometry per image.
-    """
-
-    input_ids: list[int]
-    pixel_values: torch.Tensor | None
-    image_grid_thw: torch.Tensor | None
-    images: list[ImageGeometry]
-
-
-@dataclasses.dataclass
-class PromptBatch:
-    """Left-padded prompts for generation.
-
-    ``input_ids``/``attention_mask`` [batch, seq], ``position_ids`` [3, batch, seq] (0 at padding),
-    ``rope_deltas`` [batch] (next text position minus next column index), ``pixel_values`` [patches, dim] or None,
-    ``image_grid_thw`` [images, 3] or None.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    rope_deltas: torch.Tensor
-    pixel_values: torch.Tensor | None
-    image_grid_thw: torch.Tensor | None
-
-
-@dataclasses.dataclass
-class TrainingBatch:
-    """Right-padded prompt + completion rows for scoring/training.
-
-    ``input_ids``/``attention_mask`` [batch, seq]; ``position_ids`` [3, batch, seq] (0 at padding);
-    ``completion_mask`` [batch, seq] is 1 where the *token* at that column is a completion token, so the log-prob of
-    token ``t`` comes from the logits at column ``t - 1``; ``prompt_lengths`` [batch]; pixel fields as in PromptBatch.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    position_ids: torch.Tensor
-    completion_mask: torch.Tensor
-    prompt_lengths: torch.Tensor
-    pixel_values: torch.Tensor | None
-    image_grid_thw: torch.Tensor | None
-
-
-def build_messages(prompt: str, num_images: int, system_prompt: str | None = None) -> list[dict[str, Any]]:
-    """Chat messages for one user turn; each ``<image>`` in ``prompt`` becomes an image slot, in order.
-
-    A prompt without ``<image>`` markers gets all its images before the text (VLM-R1's convention).
-    """
-    if num_images < 0:
-        raise ValueError(f"num_images must be >= 0, got {num_images}")
-    pieces = prompt.split(IMAGE_PLACEHOLDER)
-    markers = len(pieces) - 1
-    if markers == 0:
-        pieces = [""] * num_images + [prompt]
-    elif markers != num_images:
-        raise ValueError(f"prompt has {markers} {IMAGE_PLACEHOLDER} markers but {num_images} images were given")
-    content: list[dict[str, Any]] = []
-    for index, text in enumerate(pieces):
-        if index > 0:
-            content.append({"type": "image"})
-        if text:
-            content.append({"type": "text", "text": text})
-    messages: list[dict[str, Any]] = []
-    if system_prompt is not None:
-        messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
-    messages.append({"role": "user", "content": content})
-    return messages
-
-
-def count_images(messages: Sequence[dict[str, Any]]) -> int:
-    """Number of image slots in chat messages (content items of type ``image``)."""
-    return sum(1 for message in messages if not isinstance(message["content"], str)
-               for item in message["content"] if item.get("type") == "image")
-
-
-def render_prompt(processor: Any, messages: Sequence[dict[str, Any]]) -> str:
+def render_prompt(processor: ProcessorMixin, messages: Sequence[ChatMessage]) -> str:
     """The chat template applied with ``add_generation_prompt=True``: one vision block per image slot."""
     return processor.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-
-
-def load_image(image: ImageInput) -> Image.Image:
-    """An RGB PIL image from a path or an image (alpha/greyscale converted, as the processor would)."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    path = os.fspath(image)
-    if not os.path.exists(path):
-        raise ValueError(f"image file not found: {path}")
-    with Image.open(path) as opened:
-        return opened.convert("RGB")
 
 
 def image_tokens_per_image(image_grid_thw: torch.Tensor, merge_size: int) -> list[int]:
@@ -151,19 +51,23 @@ def expand_image_tokens(input_ids: Sequence[int], image_token_id: int, counts: S
     return expanded
 
 
-def image_token_id(processor: Any) -> int:
+def image_token_id(processor: ProcessorMixin) -> int:
     return processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
 
 
-def encode_prompt(processor: Any, messages: Sequence[dict[str, Any]], images: Sequence[ImageInput]) -> EncodedPrompt:
-    """Tokenise the templated prompt, preprocess its images and expand each image slot to its token count."""
+def encode_prompt(processor: ProcessorMixin, messages: Sequence[ChatMessage], images: Sequence[ImageInput],
+                  open_image: Callable[[ImageInput], Image.Image] = load_image) -> EncodedPrompt:
+    """Tokenise the templated prompt, preprocess its images and expand each image slot to its token count.
+
+    ``open_image`` loads a path or PIL image (the family's loader: RGB, upscaled to the minimum side).
+    """
     if count_images(messages) != len(images):
         raise ValueError(f"messages have {count_images(messages)} image slots but {len(images)} images were given")
     text = render_prompt(processor, messages)
     ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
     if not images:
         return EncodedPrompt(ids, None, None, [])
-    pil_images = [load_image(image) for image in images]
+    pil_images = [open_image(image) for image in images]
     image_processor = processor.image_processor
     processed = image_processor(images=pil_images, return_tensors="pt")
     grid = processed["image_grid_thw"]

@@ -1,0 +1,88 @@
+"""What a model family's input side produces, independent of the family: the typed hand-off between the data,
+the rollout engines and the trainer.
+
+A prompt is chat messages (``ChatMessage``, with one ``{"type": "image"}`` slot per image) plus its images; a
+family encodes it once into an ``EncodedPrompt`` (token ids with the image tokens expanded, preprocessed pixels,
+each image's geometry). Engines generate from it and hand it back with their completions, and the trainer builds
+its ``TrainingBatch`` rows from the same object, so nothing is encoded twice and the trainer scores exactly the
+prompt that was sampled from.
+
+Layout conventions (every family follows them):
+  - generation batches (``PromptBatch``) are **left**-padded: every row's next token is at the last column;
+  - training batches (``TrainingBatch``: prompt + completion) are **right**-padded: a row starts at column 0;
+  - pixel values of all images of all rows are concatenated in row order, then image order within a row.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from megatron_vlmr1.data.messages import ChatMessage, ContentItem, count_images
+from megatron_vlmr1.data.schema import ImageInput
+
+__all__ = ["ChatMessage", "ContentItem", "EncodedPrompt", "ImageGeometry", "ImageInput", "PromptBatch",
+           "TrainingBatch", "count_images"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageGeometry:
+    """Original image size and the size the processor resized it to (what the model's coordinates refer to).
+
+    Sizes are ``(height, width)`` in pixels. Boxes predicted in resized pixels map to the original image by
+    multiplying x by ``original[1] / resized[1]`` and y by ``original[0] / resized[0]``.
+    """
+
+    original: tuple[int, int]
+    resized: tuple[int, int]
+
+
+@dataclasses.dataclass
+class EncodedPrompt:
+    """One prompt ready for a model: image tokens expanded, images preprocessed.
+
+    ``input_ids`` [seq] (list of ints), ``pixel_values`` [num_patches, patch_dim] or None, ``image_grid_thw``
+    [num_images, 3] (the family's image grid, e.g. Qwen-VL's patches before merging) or None, ``images`` one
+    geometry per image.
+    """
+
+    input_ids: list[int]
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+    images: list[ImageGeometry]
+
+
+@dataclasses.dataclass
+class PromptBatch:
+    """Left-padded prompts for generation.
+
+    ``input_ids``/``attention_mask`` [batch, seq], ``position_ids`` [3, batch, seq] (0 at padding),
+    ``rope_deltas`` [batch] (next text position minus next column index), ``pixel_values`` [patches, dim] or None,
+    ``image_grid_thw`` [images, 3] or None.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    rope_deltas: torch.Tensor
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+
+
+@dataclasses.dataclass
+class TrainingBatch:
+    """Right-padded prompt + completion rows for scoring/training.
+
+    ``input_ids``/``attention_mask`` [batch, seq]; ``position_ids`` [3, batch, seq] (0 at padding);
+    ``completion_mask`` [batch, seq] is 1 where the *token* at that column is a completion token, so the log-prob of
+    token ``t`` comes from the logits at column ``t - 1``; ``prompt_lengths`` [batch]; pixel fields as in PromptBatch.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    prompt_lengths: torch.Tensor
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+

@@ -1,0 +1,50 @@
+"""Where a rank's model chunk sits in the TP/PP layout, and gathering its TP shards: the helpers the weight
+exporter/loader (``export.py``) and LoRA (``lora.py``) share."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_vlmr1.vlm.base import tp_merge, tp_partition_dim
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Strip DDP / Float16Module wrappers (they hold the real model as ``.module``)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+def stage_info(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(pp_rank, pp_size, global layer offset of this stage)."""
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    num_layers = model.layout.num_layers
+    if num_layers % pp_size:
+        raise ValueError(f"{num_layers} layers do not split evenly over PP size {pp_size}")
+    return pp_rank, pp_size, pp_rank * (num_layers // pp_size)
+
+
+def single_chunk(model_chunks: torch.nn.Module | list[torch.nn.Module]) -> torch.nn.Module:
+    """The one (unwrapped) model chunk of this rank; virtual pipeline stages are not supported."""
+    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    if len(chunks) != 1:
+        raise ValueError("virtual pipeline stages (several model chunks per rank) are not supported yet")
+    return unwrap_model(chunks[0])
+
+
+def gather_tp(name: str, shard: torch.Tensor, gated: bool = True) -> torch.Tensor:
+    """The full (TP=1 layout) tensor of megatron parameter ``name`` from this rank's shard (a collective over TP)."""
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    if tp_size == 1 or tp_partition_dim(name) is None:
+        return shard.detach()
+    group = parallel_state.get_tensor_model_parallel_group()
+    shards = [torch.empty_like(shard) for _ in range(tp_size)]
+    dist.all_gather(shards, shard.detach().contiguous(), group=group)
+    return tp_merge(name, shards, gated)
+
+
+def gather_full_mcore(model: torch.nn.Module, local_name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Full (TP=1 layout) tensor from this TP rank's shard of parameter ``local_name`` (a collective over TP)."""
+    return gather_tp(local_name, tensor)
