@@ -113,7 +113,8 @@ def test_the_checks_see_cycles_and_family_imports(tmp_path):
     (pkg / "a" / "__init__.py").write_text("")
     (pkg / "a" / "x.py").write_text("from megatron_vlmr1.a import y\n")
     (pkg / "a" / "y.py").write_text("def f():\n    from . import x\n")
-    (pkg / "a" / "z.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from megatron_vlmr1.a import x\n")
+    (pkg / "a" / "z.py").write_text("from typing import TYPE_CHECKING\n"
+                                    "if TYPE_CHECKING:\n    from megatron_vlmr1.a import x\n")
     graph = import_graph(pkg)
     assert graph["megatron_vlmr1.a.y"] == [("megatron_vlmr1.a.x", True)]  # relative, inside a function
     assert graph["megatron_vlmr1.a.z"] == [("megatron_vlmr1.a.x", False)]

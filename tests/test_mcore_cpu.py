@@ -39,7 +39,7 @@ def _inputs():
 def _init(tp: int, pp: int) -> None:
     from megatron_vlmr1.parallel import ParallelConfig, initialize_parallel
 
-    initialize_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp), "cpu")
+    initialize_parallel(ParallelConfig(tp=tp, pp=pp), torch.device("cpu"))
 
 
 def _tp_worker(rank: int, world_size: int) -> dict:
@@ -158,7 +158,7 @@ def test_enable_is_idempotent_and_reversible():
 def test_parallel_config_validation():
     from megatron_vlmr1.parallel import ParallelConfig
 
-    with pytest.raises(ValueError, match="parallel.tensor_model_parallel_size must be >= 1"):
-        ParallelConfig(tensor_model_parallel_size=0)
+    with pytest.raises(ValueError, match="parallel.tp must be >= 1"):
+        ParallelConfig(tp=0)
     with pytest.raises(ValueError, match="world size 6 is not a multiple"):
-        ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2).validate_world_size(6)
+        ParallelConfig(tp=2, pp=2).validate_world_size(6)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from megatron_vlmr1.parallel import free_port  # noqa: E402
+from megatron_vlmr1.parallel import ParallelEnv, destroy_parallel, free_port  # noqa: E402
 from megatron_vlmr1.vlm.hf_checkpoint import copy_side_files  # noqa: E402
 
 HF_FILES_SUBDIR = "hf_files"  # tokenizer / processor / config copied next to the megatron checkpoint
@@ -70,10 +70,10 @@ def validate_mcore_dir(mcore_dir: str) -> dict:
 
 # --- per-rank work ---------------------------------------------------------------------------------------------
 
-def _init(tp: int, pp: int) -> None:
+def _init(tp: int, pp: int) -> ParallelEnv:
     from megatron_vlmr1.parallel import ParallelConfig, initialize_parallel
 
-    initialize_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp), "cpu")
+    return initialize_parallel(ParallelConfig(tp=tp, pp=pp), torch.device("cpu"))
 
 
 def _peak_rss_mb() -> float:
@@ -81,43 +81,38 @@ def _peak_rss_mb() -> float:
 
 
 def hf_to_mcore(args: argparse.Namespace) -> float:
-    from megatron.core import parallel_state
     from transformers import AutoConfig
 
     from megatron_vlmr1.vlm.families import get_family
     from megatron_vlmr1.vlm.export import load_hf_weights, save_mcore_checkpoint
 
-    _init(args.tp, args.pp)
+    env = _init(args.tp, args.pp)
     hf_config = AutoConfig.from_pretrained(args.hf)
     family = get_family(hf_config)
     dtype = getattr(hf_config, "dtype", None) or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model = family.build_model(hf_config, pre_process=parallel_state.is_pipeline_first_stage(),
-                               post_process=parallel_state.is_pipeline_last_stage(), params_dtype=dtype,
-                               perform_initialization=False)
+    model = family.build_model(hf_config, env, params_dtype=dtype, perform_initialization=False)
     load_hf_weights(model, family, args.hf)
     save_mcore_checkpoint(model, args.out)
     if dist.get_rank() == 0:
         copy_side_files(args.hf, os.path.join(args.out, HF_FILES_SUBDIR))
-    parallel_state.destroy_model_parallel()
+    destroy_parallel()
     return _peak_rss_mb()
 
 
 def mcore_to_hf(args: argparse.Namespace) -> float:
-    from megatron.core import parallel_state
-
     from megatron_vlmr1.vlm.export import build_model_for_checkpoint, export_hf_weights, load_mcore_checkpoint
     from megatron_vlmr1.vlm.hf_checkpoint import write_hf_weights
 
-    _init(args.tp, args.pp)
-    model, family = build_model_for_checkpoint(args.mcore, perform_initialization=False)
+    env = _init(args.tp, args.pp)
+    model, family = build_model_for_checkpoint(args.mcore, env, perform_initialization=False)
     load_mcore_checkpoint(model, args.mcore)
     write_hf_weights(export_hf_weights(model, family), args.out, write=dist.get_rank() == 0,
                      max_shard_bytes=args.max_shard_mb * 2**20)
     if dist.get_rank() == 0:
         _write_hf_side_files(args, model.hf_config)
     dist.barrier()
-    parallel_state.destroy_model_parallel()
+    destroy_parallel()
     return _peak_rss_mb()
 
 

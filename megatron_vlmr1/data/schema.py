@@ -12,7 +12,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Iterator, Union
 
 from PIL import Image
 
@@ -95,6 +95,20 @@ def _image_problem(path: Path, verify: bool) -> tuple[str | None, tuple[int, int
     return None, size
 
 
+def jsonl_lines(path: Path) -> Iterator[tuple[str, Any, str | None]]:
+    """``("file:line", value, problem)`` for every non-blank line of a jsonl file: the parsed JSON value and None,
+    or None and what is wrong with the line. The one jsonl reader of training data and evaluation inputs."""
+    with Path(path).open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                yield where, json.loads(line), None
+            except json.JSONDecodeError as err:
+                yield where, None, f"malformed JSON ({err.msg} at column {err.colno})"
+
+
 def read_jsonl(path: str | Path, image_folder: str | Path, *, min_image_side: int = 28, max_errors: int = 20,
                verify_images: bool = True) -> list[Row]:
     """Parse and check one VLM-R1 jsonl file; raise one ``ValueError`` listing its problems (at most ``max_errors``).
@@ -107,38 +121,32 @@ def read_jsonl(path: str | Path, image_folder: str | Path, *, min_image_side: in
         raise ValueError(f"data file not found: {path}")
     rows: list[Row] = []
     errors: list[str] = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if len(errors) >= max_errors:
-                errors.append(f"{path}: stopped after {max_errors} problems")
-                break
-            if not line.strip():
+    for where, record, problem in jsonl_lines(path):
+        if len(errors) >= max_errors:
+            errors.append(f"{path}: stopped after {max_errors} problems")
+            break
+        if problem is not None:
+            errors.append(f"{where}: {problem}")
+            continue
+        problems = _record_problems(record)
+        if problems:
+            errors.extend(f"{where}: {p}" for p in problems)
+            continue
+        paths, sizes = [], []
+        for rel in image_list(record):
+            image_path = folder / rel
+            problem, size = _image_problem(image_path, verify_images)
+            if problem:
+                errors.append(f"{where}: {problem}")
                 continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                errors.append(f"{where}: malformed JSON ({err.msg} at column {err.colno})")
-                continue
-            problems = _record_problems(record)
-            if problems:
-                errors.extend(f"{where}: {p}" for p in problems)
-                continue
-            paths, sizes = [], []
-            for rel in image_list(record):
-                image_path = folder / rel
-                problem, size = _image_problem(image_path, verify_images)
-                if problem:
-                    errors.append(f"{where}: {problem}")
-                    continue
-                if min(size) < min_image_side:
-                    warnings.warn(f"{where}: image {image_path} is {size[0]}x{size[1]}, below the minimum side "
-                                  f"{min_image_side}; it is upscaled on load (shorter side to {min_image_side}, "
-                                  "aspect kept), as VLM-R1 does", stacklevel=2)
-                paths.append(str(image_path))
-                sizes.append(size)
-            if len(paths) == len(image_list(record)):
-                rows.append(Row(where, record, tuple(paths), tuple(sizes)))
+            if min(size) < min_image_side:
+                warnings.warn(f"{where}: image {image_path} is {size[0]}x{size[1]}, below the minimum side "
+                              f"{min_image_side}; it is upscaled on load (shorter side to {min_image_side}, "
+                              "aspect kept), as VLM-R1 does", stacklevel=2)
+            paths.append(str(image_path))
+            sizes.append(size)
+        if len(paths) == len(image_list(record)):
+            rows.append(Row(where, record, tuple(paths), tuple(sizes)))
     if errors:
         raise ValueError(f"{len(errors)} problem(s) in {path}:\n" + "\n".join(errors))
     return rows

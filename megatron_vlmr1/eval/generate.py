@@ -18,6 +18,7 @@ from megatron_vlmr1.data import DataConfig, load_samples, target_image
 from megatron_vlmr1.data import Sample as PromptSample
 from megatron_vlmr1.eval.config import EvalConfig, EvalModelConfig, SplitConfig
 from megatron_vlmr1.eval.io import load_split
+from megatron_vlmr1.parallel import resolve_device
 
 if TYPE_CHECKING:
     from megatron_vlmr1.rollout.base import RolloutEngine, RolloutResult, SamplingConfig
@@ -63,17 +64,6 @@ def sampling_config(model: EvalModelConfig) -> "SamplingConfig":
                           stop=list(model.stop), seed=model.seed)
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` → ``cuda`` when CUDA is available, else ``cpu``; an explicit ``cuda`` without CUDA is an error."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("eval: 'model.device' is 'cuda' but CUDA is not available here; use 'cpu' or 'auto'")
-    return device
-
-
 def build_eval_engine(model: EvalModelConfig, batch_size: int, max_images_per_prompt: int) -> "RolloutEngine":
     """The configured rollout engine on ``model.path``, sized for ``batch_size`` prompts per call."""
     import torch
@@ -83,7 +73,8 @@ def build_eval_engine(model: EvalModelConfig, batch_size: int, max_images_per_pr
     rollout = RolloutConfig(engine=model.engine, max_model_len=model.max_model_len, max_batch_size=batch_size,
                             max_images_per_prompt=max(max_images_per_prompt, 1), kv_cache_gb=model.kv_cache_gb,
                             gpu_memory_utilization=model.gpu_memory_utilization)
-    device = resolve_device(model.device) if model.engine == "hf" else "cpu"  # vLLM places itself
+    # vLLM places itself
+    device = resolve_device(model.device, key="eval: 'model.device'") if model.engine == "hf" else "cpu"
     return build_engine(rollout, check_model_path(model), getattr(torch, model.dtype), device=device)
 
 
@@ -131,7 +122,7 @@ def generate_predictions_file(cfg: EvalConfig, engine: "RolloutEngine | None" = 
     if engine is None:
         check_model_path(cfg.model)
         if cfg.model.engine == "hf":
-            resolve_device(cfg.model.device)
+            resolve_device(cfg.model.device, key="eval: 'model.device'")
     prompts = {split.name: split_prompts(split, cfg.task, cfg.model) for split in cfg.splits}
     if engine is None:
         most_images = max((len(p.image_paths) for rows in prompts.values() for _, p in rows), default=1)

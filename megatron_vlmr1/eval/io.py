@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from megatron_vlmr1.data import jsonl_lines
+
 
 @dataclass(frozen=True)
-class Sample:
-    """One line of a split file."""
+class SplitLine:
+    """One line of a split file, as scoring reads it (the training prompt built from a line is ``data.Sample``)."""
 
     id: str | int
     record: dict[str, Any]
@@ -35,23 +37,18 @@ class Prediction:
 
 
 def read_jsonl(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
-    """``[("file:line", object), ...]`` for every non-blank line; a missing file or a bad line raises ``ValueError``."""
+    """``[("file:line", object), ...]`` for every non-blank line; a missing file or a bad line raises ``ValueError``
+    (the first problem; the lines are read by ``data.jsonl_lines``, as training data is)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: file not found")
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(value, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(value).__name__}")
-            rows.append((where, value))
+    for where, value, problem in jsonl_lines(path):
+        if problem is not None:
+            raise ValueError(f"{where}: {problem}")
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(value).__name__}")
+        rows.append((where, value))
     return rows
 
 
@@ -61,7 +58,7 @@ def _check_id(value: Any, where: str) -> str | int:
     return value
 
 
-def load_split(path: str | Path) -> list[Sample]:
+def load_split(path: str | Path) -> list[SplitLine]:
     """Samples of a split file in file order; ids must be present and unique."""
     samples = []
     seen: dict[str | int, str] = {}
@@ -72,11 +69,11 @@ def load_split(path: str | Path) -> list[Sample]:
         if sample_id in seen:
             raise ValueError(f"{where}: duplicate id {sample_id!r} (first at {seen[sample_id]})")
         seen[sample_id] = where
-        samples.append(Sample(sample_id, record, where))
+        samples.append(SplitLine(sample_id, record, where))
     return samples
 
 
-def sample_solution(sample: Sample) -> Any:
+def sample_solution(sample: SplitLine) -> Any:
     """The reference answer: ``solution`` when present, else the last ``gpt`` turn of ``conversations``."""
     record = sample.record
     if "solution" in record:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 from megatron_vlmr1.config import apply_overrides, from_dict, read_yaml
 from megatron_vlmr1.eval.config import EvalConfig
-from megatron_vlmr1.eval.io import Prediction, Sample, load_predictions, load_split, write_report
+from megatron_vlmr1.eval.io import Prediction, SplitLine, load_predictions, load_split, write_report
 from megatron_vlmr1.eval.scoring import score_ovd_split, score_rec_split
 
 Generate = Callable[[list[dict[str, Any]]], list[str]]
@@ -29,7 +29,7 @@ def load_eval_config(path: str | None, overrides: Sequence[str] = ()) -> EvalCon
 
 
 def generate_predictions(
-    split: str, samples: list[Sample], generate: Generate, batch_size: int
+    split: str, samples: list[SplitLine], generate: Generate, batch_size: int
 ) -> dict[Any, Prediction]:
     """Completions for every sample from ``generate`` (called on batches of data records), keyed by sample id."""
     predictions = {}

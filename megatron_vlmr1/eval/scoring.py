@@ -12,7 +12,7 @@ from typing import Any
 from PIL import Image
 
 from megatron_vlmr1.data import target_image
-from megatron_vlmr1.eval.io import Prediction, Sample, load_coco_json, sample_solution
+from megatron_vlmr1.eval.io import Prediction, SplitLine, load_coco_json, sample_solution
 from megatron_vlmr1.rewards.boxes import box_iou, greedy_match, iou_matrix, to_original_space
 from megatron_vlmr1.rewards.coco import coco_bbox_ap, coco_from_dataset, xyxy_to_xywh
 from megatron_vlmr1.rewards.parsing import first_box, parse_boxes, reference_boxes
@@ -20,7 +20,7 @@ from megatron_vlmr1.rewards.parsing import first_box, parse_boxes, reference_box
 OVD_MATCH_IOU = 0.5
 
 
-def _image_size(sample: Sample, prediction: Prediction, image_root: str | None) -> Any:
+def _image_size(sample: SplitLine, prediction: Prediction, image_root: str | None) -> Any:
     """Original (width, height): from the prediction, the data line, or the image file's header, in that order."""
     if prediction.image_size is not None:
         return prediction.image_size
@@ -42,7 +42,7 @@ def _image_size(sample: Sample, prediction: Prediction, image_root: str | None) 
 
 
 def score_rec_split(
-    samples: list[Sample],
+    samples: list[SplitLine],
     predictions: dict[Any, Prediction],
     iou_threshold: float,
     box_space: str,
@@ -88,7 +88,7 @@ def _label(label: str | None) -> str:
 
 
 def score_ovd_split(
-    samples: list[Sample], predictions: dict[Any, Prediction], coco_gt_path: str | Path
+    samples: list[SplitLine], predictions: dict[Any, Prediction], coco_gt_path: str | Path
 ) -> dict[str, Any]:
     """OVD metrics of one split against its COCO ground truth.
 

@@ -15,9 +15,9 @@ Definitions every engine follows (the trainer depends on them):
   the model's unmodified distribution (temperature 1, no top-k / top-p truncation), at the position that produced
   it. This is what the trainer recomputes as the "old" policy log-prob, so the two can be compared directly; it is
   *not* the log-probability under the tempered/truncated distribution the token was drawn from.
-* vision placeholder tokens (the family's ``vision_placeholders``) are never sampled: a completion holding one would not be a
-  valid model input (its image tokens would not match the images). Their raw log-probs still count in the
-  normalisation of every other token's log-prob.
+* vision placeholder tokens (the family's ``vision_placeholders``) are never sampled: a completion holding one
+  would not be a valid model input (its image tokens would not match the images). Their raw log-probs still count
+  in the normalisation of every other token's log-prob.
 * ``finish_reason`` is ``"stop"`` (EOS or stop string) or ``"length"`` (``max_new_tokens`` or the engine's
   ``max_model_len`` reached).
 """

@@ -7,8 +7,8 @@ checkpoint loader (renaming, q/k/v and gate/up stacking, CPU repacking) on them.
 
 Prompts are handed to vLLM as the *unexpanded* template ids (the family's ``render_prompt``: one image placeholder
 per image) plus the images the family loaded; vLLM's processor expands them, and the result is checked against
-``family.encode_prompt``'s ids, so the trainer scores exactly the prompt vLLM sampled from. Log-probs use vLLM's ``raw_logprobs`` mode, which matches the definition in
-``rollout.base``.
+``family.encode_prompt``'s ids, so the trainer scores exactly the prompt vLLM sampled from. Log-probs use vLLM's
+``raw_logprobs`` mode, which matches the definition in ``rollout.base``.
 
 Weights arrive as a stream and are reloaded bucket by bucket (``base.weight_buckets``): one ``reload_weights`` call
 per bucket, so host memory holds one bucket, never the whole model. On CUDA the engine can sleep between rollouts

@@ -8,6 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from megatron_vlmr1.parallel import ParallelConfig
+
+__all__ = ["CheckpointConfig", "LoopConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "RewardSpec"]
+
 
 @dataclass
 class ModelConfig:
@@ -24,21 +28,6 @@ class ModelConfig:
     def __post_init__(self):
         if self.train_mode == "lora" and self.lora_rank < 1:
             raise ValueError("model.lora_rank must be >= 1 for train_mode=lora")
-
-
-@dataclass
-class ParallelConfig:
-    """Model parallel sizes; data parallel size is whatever world_size / (tp * pp) leaves."""
-
-    tp: int = 1
-    pp: int = 1
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    distributed_optimizer: bool = True
-
-    def __post_init__(self):
-        for key in ("tp", "pp"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"parallel.{key} must be >= 1")
 
 
 @dataclass
@@ -87,7 +76,7 @@ class LoopConfig:
     prompts_per_step: int = 8        # global, across data-parallel ranks
     micro_batch_size: int = 4        # sequences per forward/backward micro-batch
     seed: int = 1234
-    log_interval: int = 1
+    log_interval: int = 1            # console and TensorBoard every N steps; metrics.jsonl always gets every step
     tensorboard: bool = True
     progress_bar: bool = True
 

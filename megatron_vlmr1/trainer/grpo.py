@@ -13,12 +13,12 @@ import torch
 
 from megatron_vlmr1.algo import AlgoConfig, get_advantage_estimator, get_policy_loss, informative_groups
 from megatron_vlmr1.data import DataConfig, Sample, target_image
+from megatron_vlmr1.parallel import any_rank
 from megatron_vlmr1.rewards import CombinedRewards
 from megatron_vlmr1.rollout.base import RolloutResult
 from megatron_vlmr1.rollout.config import RolloutConfig
 from megatron_vlmr1.trainer.config import (CheckpointConfig, LoopConfig, ModelConfig, OptimConfig, ParallelConfig,
                                            RewardSpec)
-from megatron_vlmr1.trainer.distributed import any_rank
 from megatron_vlmr1.trainer.loss import GRPOLoss
 from megatron_vlmr1.trainer.policy import MicroBatch
 from megatron_vlmr1.trainer.session import TrainingSession, run_cli

@@ -23,11 +23,16 @@ def _plain(value):
 
 
 class MetricsLogger:
-    """Appends ``{"step": N, ...}`` records to ``OUTPUT_DIR/metrics.jsonl`` and mirrors them to TensorBoard."""
+    """Appends ``{"step": N, ...}`` records to ``OUTPUT_DIR/metrics.jsonl`` (every step) and mirrors every
+    ``log_interval``-th step to TensorBoard (``train.log_interval``)."""
 
-    def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True, resume_step: int = 0):
+    def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True, resume_step: int = 0,
+                 log_interval: int = 1):
+        if log_interval < 1:
+            raise ValueError(f"train.log_interval must be >= 1, got {log_interval}")
         self.output_dir = Path(output_dir)
         self.enabled = enabled
+        self.log_interval = log_interval
         self.path = self.output_dir / METRICS_FILE
         self._writer = None
         if not enabled:
@@ -53,12 +58,16 @@ class MetricsLogger:
             return record
         with self.path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
-        if self._writer is not None:
+        if self._writer is not None and self.due(step):
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self._writer.add_scalar(key, value, step)
             self._writer.flush()
         return record
+
+    def due(self, step: int) -> bool:
+        """Whether ``step`` goes to the console and TensorBoard (the JSON lines get every step)."""
+        return step % self.log_interval == 0
 
     def close(self) -> None:
         if self._writer is not None:

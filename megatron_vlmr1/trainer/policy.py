@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from megatron_vlmr1.kernels import fused_logprob
 from megatron_vlmr1.trainer.config import ModelConfig, OptimConfig
-from megatron_vlmr1.trainer.distributed import ParallelEnv
+from megatron_vlmr1.parallel import ParallelEnv
+from megatron_vlmr1.vlm.base import VLMFamily
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -63,7 +67,8 @@ def token_logprobs(logits: torch.Tensor, batch: MicroBatch,
 class ScoringModel:
     """This pipeline stage's megatron model, loaded from an HF checkpoint; forward-only scoring."""
 
-    def __init__(self, family: Any, hf_config: Any, hf_path: str, env: ParallelEnv, model_cfg: ModelConfig):
+    def __init__(self, family: VLMFamily, hf_config: PretrainedConfig, hf_path: str, env: ParallelEnv,
+                 model_cfg: ModelConfig):
         from megatron_vlmr1.vlm.export import load_hf_weights
 
         self.env = env
@@ -71,8 +76,9 @@ class ScoringModel:
         self.dtype = DTYPES[model_cfg.dtype]
         # LoRA hooks need each linear's own input, which Transformer Engine's LayerNorm-fused linears do not expose
         backend = "local" if model_cfg.train_mode == "lora" else family.default_backend(env.device)
-        model = family.build_model(hf_config, pre_process=env.is_first_stage, post_process=env.is_last_stage,
-                                   params_dtype=self.dtype, backend=backend)
+        # No random initialisation: every weight is loaded right after.
+        model = family.build_model(hf_config, env, params_dtype=self.dtype, backend=backend,
+                                   perform_initialization=False)
         model.to(env.device)
         load_hf_weights(model, family, hf_path)
         self.chunks: list[torch.nn.Module] = [model]
@@ -85,10 +91,9 @@ class ScoringModel:
 
     def run(self, micro_batches: list[MicroBatch], token_loss: TokenLoss, forward_only: bool) -> list[dict]:
         """Run the pipeline schedule; returns the per-micro-batch metric dicts (last stage only, else [])."""
-        from megatron.core import parallel_state
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        tp_group = parallel_state.get_tensor_model_parallel_group() if self.env.tp > 1 else None
+        tp_group = self.env.tp_group if self.env.tp > 1 else None
         seq_length = micro_batches[0].input_ids.shape[1]
         micro_batch_size = micro_batches[0].input_ids.shape[0]
         if any(mb.input_ids.shape != (micro_batch_size, seq_length) for mb in micro_batches):
@@ -127,8 +132,8 @@ class ScoringModel:
 class ActorModel(ScoringModel):
     """The trainable policy: DDP-wrapped megatron model + megatron optimizer + LR schedule."""
 
-    def __init__(self, family: Any, hf_config: Any, hf_path: str, env: ParallelEnv, model_cfg: ModelConfig,
-                 optim_cfg: OptimConfig, total_steps: int, distributed_optimizer: bool = True):
+    def __init__(self, family: VLMFamily, hf_config: PretrainedConfig, hf_path: str, env: ParallelEnv,
+                 model_cfg: ModelConfig, optim_cfg: OptimConfig, total_steps: int, distributed_optimizer: bool = True):
         super().__init__(family, hf_config, hf_path, env, model_cfg)
         check_trainable_layout(self.module, env.tp)
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from megatron_vlmr1.config import save_config
 from megatron_vlmr1.trainer.checkpoint import CheckpointManager
-from megatron_vlmr1.trainer.distributed import all_reduce_sum, any_rank, init_parallel, teardown_parallel
+from megatron_vlmr1.parallel import all_reduce_sum, any_rank, init_parallel, teardown_parallel
 from megatron_vlmr1.trainer.metrics import MetricsLogger, plot_run
 
 
@@ -53,7 +53,8 @@ class TrainingSession(abc.ABC):
                                              keep_last=cfg.checkpoint.keep_last, barrier=dist.barrier)
         self.start_step = self.maybe_resume()
         self.metrics = MetricsLogger(self.output_dir, enabled=self.env.is_logging_rank,
-                                     tensorboard=cfg.train.tensorboard, resume_step=self.start_step)
+                                     tensorboard=cfg.train.tensorboard, resume_step=self.start_step,
+                                     log_interval=cfg.train.log_interval)
         if self.env.is_logging_rank:
             save_config(cfg, self.output_dir / "config.yaml")
         self._preempted = False
@@ -78,9 +79,7 @@ class TrainingSession(abc.ABC):
 
     def data_parallel_sum(self, value: float) -> float:
         """Sum over the data-parallel replicas (e.g. a loss normaliser counted over the whole step's batch)."""
-        from megatron.core import parallel_state
-
-        return all_reduce_sum([value], group=parallel_state.get_data_parallel_group())[0]
+        return all_reduce_sum([value], group=self.env.dp_group)[0]
 
     def reduce_token_metrics(self, outputs: list[dict]) -> dict:
         """Token-weighted means of the loss callback's metrics over micro-batches and replicas.
@@ -162,6 +161,16 @@ class TrainingSession(abc.ABC):
         dist.barrier()
 
     # -- the loop ----------------------------------------------------------------------------------------------
+    def report(self, step: int, record: dict, bar) -> None:
+        """The console view of every ``train.log_interval``-th step: the progress bar's figures, or one line when
+        the bar is off (e.g. a Slurm log)."""
+        shown = {k: f"{record[k]:.3f}" for k in ("reward/mean", "loss") if record.get(k) is not None}
+        if not bar.disable:
+            bar.set_postfix(shown)
+        elif self.env.is_logging_rank:
+            figures = " ".join(f"{k}={v}" for k, v in shown.items())
+            print(f"step {step}/{self.cfg.train.steps} {figures} time/step={record['time/step']:.2f}s", flush=True)
+
     @abc.abstractmethod
     def step(self, step: int) -> dict:
         """One training step; returns its metrics."""
@@ -182,7 +191,8 @@ class TrainingSession(abc.ABC):
                 metrics["tokens_per_s"] = metrics["rollout_tokens"] / metrics["time/step"]
             record = self.metrics.log(step, metrics)
             bar.update(1)
-            bar.set_postfix({k: f"{record[k]:.3f}" for k in ("reward/mean", "loss") if record.get(k) is not None})
+            if self.metrics.due(step):
+                self.report(step, record, bar)
             if any_rank(self._preempted):
                 self.save_checkpoint(step)
                 last_saved = step

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from megatron_vlmr1.data.schema import load_image
+from megatron_vlmr1.parallel import ParallelEnv
 from megatron_vlmr1.registry import Registry
 from megatron_vlmr1.vlm.inputs import ChatMessage, EncodedPrompt, ImageInput, PromptBatch, TrainingBatch
 
@@ -137,11 +138,13 @@ class VLMFamily(abc.ABC):
 
     # -- the model side --------------------------------------------------------------------------------------
     @abc.abstractmethod
-    def build_model(self, hf_config: PretrainedConfig, pre_process: bool = True, post_process: bool = True, *,
-                    params_dtype: torch.dtype = torch.float32, backend: str = "local",
-                    num_query_groups: int | None = None, make_vocab_size_divisible_by: int = 128,
-                    **config_overrides: object) -> torch.nn.Module:
-        """The megatron model for this pipeline stage (parallel_state must be initialised)."""
+    def build_model(self, hf_config: PretrainedConfig, env: ParallelEnv, *, params_dtype: torch.dtype = torch.float32,
+                    backend: str = "local", num_query_groups: int | None = None,
+                    make_vocab_size_divisible_by: int = 128, **config_overrides: object) -> torch.nn.Module:
+        """The megatron model for ``env``'s pipeline stage, laid out for its TP size, with defaults for its device.
+
+        The model keeps ``env`` as ``parallel_env``: the weight exporter/loader and LoRA read ranks and groups there.
+        """
 
     @abc.abstractmethod
     def weight_specs(self, hf_config: PretrainedConfig, layout: ModelLayout | None = None) -> list[WeightSpec]:
@@ -208,7 +211,8 @@ class VLMFamily(abc.ABC):
 
 
 def owning_pp_rank(mcore_name: str, num_layers: int, pp_size: int) -> int:
-    """Pipeline stage holding a global megatron name: vision + embeddings on the first, head on the last, layers even."""
+    """Pipeline stage holding a global megatron name: vision + embeddings on the first, head on the last, layers
+    split evenly."""
     index = layer_index(mcore_name)
     if index is not None and not mcore_name.startswith("visual."):
         return index // (num_layers // pp_size)

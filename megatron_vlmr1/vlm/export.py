@@ -17,8 +17,8 @@ from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
+from megatron_vlmr1.parallel import ParallelEnv
 from megatron_vlmr1.vlm.base import VLMFamily, WeightSpec, layer_index, owning_pp_rank, shift_layer_index, tp_split
 from megatron_vlmr1.vlm.families import get_family
 from megatron_vlmr1.vlm.lora import merged_parameter
@@ -67,7 +67,8 @@ def export_hf_weights(model_chunks: torch.nn.Module | list[torch.nn.Module], fam
     layout = model.layout
     pp_rank, pp_size, offset = stage_info(model)
     params = dict(model.named_parameters())
-    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    env = model.parallel_env
+    pp_group = env.pp_group
     pp_ranks = dist.get_process_group_ranks(pp_group) if pp_size > 1 else [dist.get_rank()]
     for bucket in _buckets(family.weight_specs(model.hf_config, layout), layout, pp_size):
         owner = _owner(bucket[0], layout, pp_size)
@@ -77,7 +78,7 @@ def export_hf_weights(model_chunks: torch.nn.Module | list[torch.nn.Module], fam
                 local = shift_layer_index(spec.mcore_name, -offset)
                 if local not in params:
                     raise ValueError(f"model has no parameter {local} (global {spec.mcore_name}); wrong family?")
-                full[i] = gather_tp(local, merged_parameter(model, local, params[local]))
+                full[i] = gather_tp(env, local, merged_parameter(model, local, params[local]))
         if pp_size > 1:
             meta = [[(t.shape, t.dtype) for t in full] if owner == pp_rank else None]
             dist.broadcast_object_list(meta, src=pp_ranks[owner], group=pp_group)
@@ -146,8 +147,7 @@ def load_hf_weights(model_chunks: torch.nn.Module | list[torch.nn.Module], famil
     model = single_chunk(model_chunks)
     layout = model.layout
     pp_rank, pp_size, offset = stage_info(model)
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    tp_rank, tp_size = model.parallel_env.tp_rank, model.parallel_env.tp
     if isinstance(source, dict):
         tensors = {family.checkpoint_name(k): v for k, v in source.items()}
         read = tensors.__getitem__
@@ -197,8 +197,8 @@ def model_metadata(model: torch.nn.Module) -> dict:
     layout = model.layout
     return {"hf_config": model.hf_config.to_dict(), "num_query_groups": layout.num_query_groups,
             "padded_vocab_size": layout.padded_vocab_size, "params_dtype": str(model.config.params_dtype),
-            "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
-            "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size()}
+            "tensor_model_parallel_size": model.parallel_env.tp,
+            "pipeline_model_parallel_size": model.parallel_env.pp}
 
 
 def read_model_metadata(ckpt_dir: str | os.PathLike) -> dict:
@@ -253,35 +253,33 @@ def load_mcore_checkpoint(model_chunks: torch.nn.Module | list[torch.nn.Module],
         raise ValueError(f"{ckpt_dir}: checkpoint lacks {missing[:5]}")
 
 
-def build_model_from_hf(hf_dir: str | os.PathLike, load_weights: bool = True,
-                        **build_kwargs: Any) -> tuple[torch.nn.Module, Any]:
-    """This stage's model for a HF checkpoint directory (current TP/PP), with its weights loaded, and its family.
+def build_model_from_hf(hf_dir: str | os.PathLike, env: ParallelEnv, load_weights: bool = True,
+                        **build_kwargs: Any) -> tuple[torch.nn.Module, VLMFamily]:
+    """``env``'s stage of the model in a HF checkpoint directory, with its weights loaded (no random init first),
+    and its family.
 
     ``build_kwargs`` go to ``family.build_model`` (``params_dtype``, ``backend``, ``make_vocab_size_divisible_by``,
     TransformerConfig overrides such as ``recompute_granularity``).
     """
     from transformers import AutoConfig
 
-
     hf_config = AutoConfig.from_pretrained(hf_dir)
     family = get_family(hf_config)
-    model = family.build_model(hf_config, pre_process=parallel_state.is_pipeline_first_stage(),
-                               post_process=parallel_state.is_pipeline_last_stage(),
-                               **({"perform_initialization": False} if load_weights else {}), **build_kwargs)
+    model = family.build_model(hf_config, env, **({"perform_initialization": False} if load_weights else {}),
+                               **build_kwargs)
     if load_weights:
         load_hf_weights(model, family, hf_dir)
     return model, family
 
 
-def build_model_for_checkpoint(ckpt_dir: str | os.PathLike, **build_kwargs: Any) -> tuple[torch.nn.Module, Any]:
-    """This stage's model shaped to fit ``ckpt_dir`` (at the current TP/PP), and its family. Weights not loaded."""
-
+def build_model_for_checkpoint(ckpt_dir: str | os.PathLike, env: ParallelEnv,
+                               **build_kwargs: Any) -> tuple[torch.nn.Module, VLMFamily]:
+    """``env``'s stage of a model shaped to fit ``ckpt_dir`` (at ``env``'s TP/PP), and its family. Weights not
+    loaded."""
     metadata = read_model_metadata(ckpt_dir)
     hf_config = hf_config_from_metadata(metadata)
     family = get_family(hf_config)
     dtype = getattr(torch, metadata["params_dtype"].replace("torch.", ""))
-    model = family.build_model(hf_config, pre_process=parallel_state.is_pipeline_first_stage(),
-                               post_process=parallel_state.is_pipeline_last_stage(), params_dtype=dtype,
-                               num_query_groups=metadata["num_query_groups"],
+    model = family.build_model(hf_config, env, params_dtype=dtype, num_query_groups=metadata["num_query_groups"],
                                make_vocab_size_divisible_by=metadata["padded_vocab_size"], **build_kwargs)
     return model, family

@@ -38,7 +38,7 @@ from typing import Any, Iterator
 import torch
 
 from megatron_vlmr1.vlm.base import shift_layer_index
-from megatron_vlmr1.vlm.stages import gather_full_mcore, single_chunk, stage_info, unwrap_model
+from megatron_vlmr1.vlm.stages import gather_full_mcore, parallel_env, single_chunk, stage_info, unwrap_model
 
 LORA_TARGETS = {"linear_qkv": "column", "linear_fc1": "column", "linear_proj": "row", "linear_fc2": "row"}
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -97,14 +97,12 @@ def _adapter_hook(linear: torch.nn.Module, args: tuple, output: Any) -> Any:
 def _adapter_sharded_state_dict(linear: torch.nn.Module, prefix: str = "", sharded_offsets: tuple = (),
                                 metadata: dict | None = None) -> dict:
     """The linear's own sharded state dict (which marks every extra tensor replicated) with A/B sharded correctly."""
-    from megatron.core import parallel_state
     from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
     from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
 
     state = linear._lora_base_sharded_state_dict(prefix, sharded_offsets, metadata)
     adapter: LoRAAdapter = linear.lora
-    dp_cp_group = (metadata or {}).get("dp_cp_group") or parallel_state.get_data_parallel_group(
-        with_context_parallel=True)
+    dp_cp_group = (metadata or {}).get("dp_cp_group") or adapter.dp_group  # no context parallelism
     for name, axis in adapter.tp_axes().items():
         if axis is None:
             continue
@@ -145,8 +143,6 @@ def apply_lora(model: torch.nn.Module, rank: int, alpha: float, dropout: float =
 
     Call before DDP wraps the model, so DDP and the optimizer only ever see the adapter parameters.
     """
-    from megatron.core import parallel_state
-
     unknown = sorted(set(targets) - set(LORA_TARGETS))
     if unknown:
         raise ValueError(f"model.lora_targets: unknown {unknown}; known: {sorted(LORA_TARGETS)}")
@@ -156,8 +152,7 @@ def apply_lora(model: torch.nn.Module, rank: int, alpha: float, dropout: float =
         raise ValueError(f"model.lora_alpha={alpha} must be > 0")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"model.lora_dropout={dropout} must be in [0, 1)")
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    env = parallel_env(model)
     _, _, offset = stage_info(model)
     model.requires_grad_(False)
     adapted = []
@@ -172,7 +167,8 @@ def apply_lora(model: torch.nn.Module, rank: int, alpha: float, dropout: float =
         weight = linear.weight
         adapter = LoRAAdapter(kind, rank, alpha, dropout, out_local=weight.shape[0], in_local=weight.shape[1],
                               dtype=weight.dtype, device=weight.device)
-        _init_a(adapter, shift_layer_index(name, offset), seed, tp_size, tp_rank)
+        adapter.dp_group = env.dp_group  # where the adapter's checkpoint shards are replicated
+        _init_a(adapter, shift_layer_index(name, offset), seed, env.tp, env.tp_rank)
         for param_name, axis in adapter.tp_axes().items():
             param = getattr(adapter, param_name)
             param.tensor_model_parallel = axis is not None  # read by grad-norm (counts replicas once)
@@ -245,8 +241,6 @@ def peft_state_dict(model_chunks: torch.nn.Module | list[torch.nn.Module], famil
     fused weight's (``WeightSpec.from_mcore``; repeated KV-head copies take the first, as for the weight).
     """
     import torch.distributed as dist
-    from megatron.core import parallel_state
-
 
     model = single_chunk(model_chunks)
     _, pp_size, offset = stage_info(model)
@@ -261,7 +255,7 @@ def peft_state_dict(model_chunks: torch.nn.Module | list[torch.nn.Module], famil
     stages = [(local, settings)]
     if pp_size > 1:
         stages = [None] * pp_size
-        dist.all_gather_object(stages, (local, settings), group=parallel_state.get_pipeline_model_parallel_group())
+        dist.all_gather_object(stages, (local, settings), group=parallel_env(model).pp_group)
     full = {k: v for stage, _ in stages for k, v in stage.items()}
     rank, alpha, dropout = next(s for _, s in stages if s is not None)
     hf_names = _hf_module_names(model.hf_config, family)

@@ -1,11 +1,12 @@
 """Where a rank's model chunk sits in the TP/PP layout, and gathering its TP shards: the helpers the weight
-exporter/loader (``export.py``) and LoRA (``lora.py``) share."""
+exporter/loader (``export.py``) and LoRA (``lora.py``) share. Ranks and groups come from the ``ParallelEnv`` the
+model was built with (``model.parallel_env``)."""
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
+from megatron_vlmr1.parallel import ParallelEnv
 from megatron_vlmr1.vlm.base import tp_merge, tp_partition_dim
 
 
@@ -16,10 +17,15 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def parallel_env(model: torch.nn.Module) -> ParallelEnv:
+    """The ``ParallelEnv`` a (possibly wrapped) model was built with."""
+    return unwrap_model(model).parallel_env
+
+
 def stage_info(model: torch.nn.Module) -> tuple[int, int, int]:
     """(pp_rank, pp_size, global layer offset of this stage)."""
-    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    env = parallel_env(model)
+    pp_rank, pp_size = env.pp_rank, env.pp
     num_layers = model.layout.num_layers
     if num_layers % pp_size:
         raise ValueError(f"{num_layers} layers do not split evenly over PP size {pp_size}")
@@ -34,17 +40,15 @@ def single_chunk(model_chunks: torch.nn.Module | list[torch.nn.Module]) -> torch
     return unwrap_model(chunks[0])
 
 
-def gather_tp(name: str, shard: torch.Tensor, gated: bool = True) -> torch.Tensor:
+def gather_tp(env: ParallelEnv, name: str, shard: torch.Tensor, gated: bool = True) -> torch.Tensor:
     """The full (TP=1 layout) tensor of megatron parameter ``name`` from this rank's shard (a collective over TP)."""
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    if tp_size == 1 or tp_partition_dim(name) is None:
+    if env.tp == 1 or tp_partition_dim(name) is None:
         return shard.detach()
-    group = parallel_state.get_tensor_model_parallel_group()
-    shards = [torch.empty_like(shard) for _ in range(tp_size)]
-    dist.all_gather(shards, shard.detach().contiguous(), group=group)
+    shards = [torch.empty_like(shard) for _ in range(env.tp)]
+    dist.all_gather(shards, shard.detach().contiguous(), group=env.tp_group)
     return tp_merge(name, shards, gated)
 
 
 def gather_full_mcore(model: torch.nn.Module, local_name: str, tensor: torch.Tensor) -> torch.Tensor:
     """Full (TP=1 layout) tensor from this TP rank's shard of parameter ``local_name`` (a collective over TP)."""
-    return gather_tp(local_name, tensor)
+    return gather_tp(parallel_env(model), local_name, tensor)

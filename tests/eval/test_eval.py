@@ -217,7 +217,7 @@ def test_cli_prints_a_table(rec_files, capsys):
 @pytest.mark.parametrize(
     "bad_line, message",
     [
-        ("{not json", r"pred\.jsonl:2: not valid JSON"),
+        ("{not json", r"pred\.jsonl:2: malformed JSON"),
         ("[1, 2]", r"pred\.jsonl:2: expected a JSON object"),
         ('{"completion": "x"}', r"pred\.jsonl:2: missing 'id'"),
         ('{"id": "a1", "completion": 5}', r"pred\.jsonl:2: 'completion' must be a string"),

@@ -42,7 +42,8 @@ class StubEngine(RolloutEngine):
                     width, height = image.size
                 geometry.append(ImageGeometry((height, width), (round(height * self.scale), round(width * self.scale))))
             text = self.answers[request.images[0]]
-            results.append(RolloutResult(EncodedPrompt([], None, None, geometry), [Completion([0], text, [0.0], "stop")]))
+            completion = Completion([0], text, [0.0], "stop")
+            results.append(RolloutResult(EncodedPrompt([], None, None, geometry), [completion]))
         return results
 
     def update_weights(self, weights):
@@ -225,12 +226,14 @@ def test_bad_model_config_is_a_clear_error(rec_data, tmp_path, capsys, model, me
 def test_device_auto_follows_cuda_and_explicit_cuda_needs_it(tiny_qwen2_5_vl, rec_data, tmp_path, monkeypatch):
     import torch
 
-    from megatron_vlmr1.eval.generate import resolve_device
+    from megatron_vlmr1.parallel import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert (resolve_device("auto"), resolve_device("cuda"), resolve_device("cpu")) == ("cuda", "cuda", "cpu")
+    assert [resolve_device(name).type for name in ("auto", "cuda", "cpu")] == ["cuda", "cuda", "cpu"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_device("auto") == "cpu"
+    assert resolve_device("auto").type == "cpu"
+    with pytest.raises(ValueError, match="parallel.device is 'cuda' but CUDA is not available"):
+        resolve_device("cuda")
     cfg = rec_config(rec_data, tmp_path, path=str(tiny_qwen2_5_vl), device="cuda")
     with pytest.raises(ValueError, match="'model.device' is 'cuda' but CUDA is not available"):
         generate_predictions_file(cfg)

@@ -53,8 +53,8 @@ def _conversions_worker(rank: int, world_size: int, hf_dir: str, tied_dir: str, 
     ckpt = os.path.join(out, "mcore_tp2")
     convert_checkpoint.hf_to_mcore(_args(hf=hf_dir, out=ckpt, tp=2))
     # The TP=2 checkpoint at TP=1 (two data-parallel replicas): logits, then back to HF.
-    helpers.setup(1, 1)
-    model, _ = build_model_for_checkpoint(ckpt)
+    env = helpers.setup(1, 1)
+    model, _ = build_model_for_checkpoint(ckpt, env)
     load_mcore_checkpoint(model, ckpt)
     model.eval()
     with torch.no_grad():

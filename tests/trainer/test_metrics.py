@@ -22,6 +22,20 @@ def test_jsonl_resume_truncates_and_plot(tmp_path):
     assert any((tmp_path / "tensorboard").iterdir())
 
 
+def test_log_interval_thins_tensorboard_not_the_jsonl(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = MetricsLogger(tmp_path, tensorboard=True, log_interval=2)
+    for step in range(1, 6):
+        logger.log(step, {"reward/mean": step / 10})
+    logger.close()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("reward/mean")] == [2, 4]
+    assert [logger.due(s) for s in range(1, 5)] == [False, True, False, True]
+
+
 def test_sft_runs_get_a_loss_curve(tmp_path):
     from megatron_vlmr1.trainer.metrics import plot_run
 

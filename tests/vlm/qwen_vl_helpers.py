@@ -49,16 +49,26 @@ def hf_reference(hf_dir: str | Path, padding_side: str) -> dict:
             "pixel_values": enc["pixel_values"], "image_grid_thw": enc["image_grid_thw"], "logits": logits}
 
 
-def setup(tp: int, pp: int) -> None:
+_ENV = []  # the ParallelEnv of the last ``setup`` in this process
+
+
+def setup(tp: int, pp: int):
+    """Megatron's groups for a TP x PP layout on CPU; returns (and remembers) the ``ParallelEnv``."""
     from megatron_vlmr1.parallel import ParallelConfig, initialize_parallel
 
-    initialize_parallel(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp), "cpu")
+    _ENV[:] = [initialize_parallel(ParallelConfig(tp=tp, pp=pp), torch.device("cpu"))]
+    return _ENV[0]
+
+
+def env():
+    return _ENV[0]
 
 
 def build_loaded(hf_dir: str, num_query_groups: int | None = None):
     from megatron_vlmr1.vlm.export import build_model_from_hf
 
-    return build_model_from_hf(hf_dir, num_query_groups=num_query_groups, make_vocab_size_divisible_by=DIVISIBLE_BY)
+    return build_model_from_hf(hf_dir, env(), num_query_groups=num_query_groups,
+                               make_vocab_size_divisible_by=DIVISIBLE_BY)
 
 
 def _forward_step(batch: dict, data_iterator, model):

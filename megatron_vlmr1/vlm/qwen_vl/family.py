@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from megatron_vlmr1.parallel import ParallelEnv
 from megatron_vlmr1.vlm.base import ModelLayout, VLMFamily, WeightSpec, register_family
 from megatron_vlmr1.vlm.inputs import ChatMessage, EncodedPrompt, ImageInput, PromptBatch, TrainingBatch
 from megatron_vlmr1.vlm.qwen_vl import processor as inputs
@@ -41,21 +42,17 @@ class QwenVLFamily(VLMFamily):
         return weights.make_layout(hf_config, tp_size, num_query_groups, make_vocab_size_divisible_by,
                                    fused_norm=backend == "te")
 
-    def build_model(self, hf_config: PretrainedConfig, pre_process: bool = True, post_process: bool = True, *,
-                    params_dtype: torch.dtype = torch.float32, backend: str = "local",
-                    num_query_groups: int | None = None, make_vocab_size_divisible_by: int = 128,
-                    **config_overrides: object) -> QwenVLModel:
-        """This stage's model, randomly initialised (load weights with ``export.load_hf_weights``).
+    def build_model(self, hf_config: PretrainedConfig, env: ParallelEnv, *, params_dtype: torch.dtype = torch.float32,
+                    backend: str = "local", num_query_groups: int | None = None,
+                    make_vocab_size_divisible_by: int = 128, **config_overrides: object) -> QwenVLModel:
+        """This stage's model (``perform_initialization=False`` skips the random init when weights follow).
 
         ``num_query_groups`` defaults to the KV heads, repeated up to the TP size when TP exceeds them; pass it
         explicitly to build a model that matches a checkpoint written at a larger TP.
         """
-        from megatron.core import parallel_state
-
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        layout = self.layout(hf_config, tp, num_query_groups, make_vocab_size_divisible_by, backend)
-        config = transformer_config(hf_config, layout, params_dtype, **config_overrides)
-        return QwenVLModel(hf_config, config, layout, layer_spec(backend), pre_process, post_process)
+        layout = self.layout(hf_config, env.tp, num_query_groups, make_vocab_size_divisible_by, backend)
+        config = transformer_config(hf_config, layout, env, params_dtype, backend, **config_overrides)
+        return QwenVLModel(hf_config, config, layout, layer_spec(backend), env)
 
     def vision_weight_names(self, hf_config: PretrainedConfig) -> list[str]:
         """State-dict names of the vision tower (built on the meta device: no memory, no init)."""

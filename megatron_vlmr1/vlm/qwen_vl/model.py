@@ -12,12 +12,12 @@ import importlib
 from typing import Any
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_vlmr1.parallel import ParallelEnv
 from megatron_vlmr1.vlm.base import hf_config_text
 from megatron_vlmr1.vlm.qwen_vl.weights import QwenLayout
 
@@ -48,14 +48,27 @@ def rope_theta(hf_config: Any) -> float:
     return float(rope.get("rope_theta", getattr(text, "rope_theta", 10000.0)))
 
 
-def transformer_config(hf_config: Any, layout: QwenLayout, params_dtype: torch.dtype = torch.float32,
-                       **overrides: Any) -> TransformerConfig:
-    """megatron TransformerConfig for the language model (TP/PP sizes taken from parallel_state)."""
+def device_defaults(device: torch.device, backend: str) -> dict[str, bool]:
+    """TransformerConfig switches that depend on where the model runs.
+
+    On CUDA: weights are created on the GPU (no host copy), and megatron's fusions are on: bias + SwiGLU, masked
+    softmax (used when its kernel is available), RoPE (Transformer Engine's kernel; megatron falls back to the
+    unfused path for mRoPE with batch > 1) and gradient-accumulation fusion (Transformer Engine's linears). On CPU
+    they are all off: the fused kernels are CUDA-only.
+    """
+    cuda = device.type == "cuda"
+    te = cuda and backend == "te"
+    return dict(use_cpu_initialization=not cuda, bias_activation_fusion=cuda, masked_softmax_fusion=cuda,
+                apply_rope_fusion=te, gradient_accumulation_fusion=te, persist_layer_norm=False)
+
+
+def transformer_config(hf_config: Any, layout: QwenLayout, env: ParallelEnv, params_dtype: torch.dtype = torch.float32,
+                       backend: str = "local", **overrides: Any) -> TransformerConfig:
+    """megatron TransformerConfig for the language model (TP/PP sizes and device defaults from ``env``)."""
     text = hf_config_text(hf_config)
     if text.hidden_act != "silu":
         raise ValueError(f"hidden_act={text.hidden_act!r}: only SwiGLU (silu) Qwen models are supported")
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    tp, pp = env.tp, env.pp
     if layout.num_layers % pp:
         raise ValueError(f"num_hidden_layers={layout.num_layers} is not divisible by PP size {pp}")
     kwargs = dict(
@@ -67,8 +80,7 @@ def transformer_config(hf_config: Any, layout: QwenLayout, params_dtype: torch.d
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         pipeline_dtype=params_dtype if pp > 1 else None, params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
-        use_cpu_initialization=True, bias_activation_fusion=False, masked_softmax_fusion=False,
-        apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
+        **device_defaults(env.device, backend),
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
@@ -96,7 +108,7 @@ class QwenVLModel(MegatronModule):
     """
 
     def __init__(self, hf_config: Any, config: TransformerConfig, layout: QwenLayout, transformer_layer_spec: Any,
-                 pre_process: bool = True, post_process: bool = True) -> None:
+                 env: ParallelEnv) -> None:
         super().__init__(config=config)
         if config.sequence_parallel or config.context_parallel_size > 1:
             raise ValueError("Qwen-VL model: sequence_parallel and context_parallel_size > 1 are not supported yet "
@@ -104,8 +116,9 @@ class QwenVLModel(MegatronModule):
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         self.hf_config = hf_config
         self.layout = layout
-        self.pre_process = pre_process
-        self.post_process = post_process
+        self.parallel_env = env
+        self.pre_process = pre_process = env.is_first_stage
+        self.post_process = post_process = env.is_last_stage
         self.image_token_id = hf_config.image_token_id
         text = hf_config_text(hf_config)
         if pre_process:
@@ -151,11 +164,10 @@ class QwenVLModel(MegatronModule):
 
     def mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """Padded vocabulary columns must not take part in any softmax: slice (TP=1) or -inf (TP>1)."""
-        tp_size = parallel_state.get_tensor_model_parallel_world_size()
-        if tp_size == 1:
+        if self.parallel_env.tp == 1:
             return logits[..., :self.layout.vocab_size]
         shard = logits.shape[-1]
-        start = parallel_state.get_tensor_model_parallel_rank() * shard
+        start = self.parallel_env.tp_rank * shard
         padded = torch.arange(start, start + shard, device=logits.device) >= self.layout.vocab_size
         if not bool(padded.any()):
             return logits
