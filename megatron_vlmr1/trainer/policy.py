@@ -48,8 +48,14 @@ TokenLoss = Callable[[MicroBatch, torch.Tensor, torch.Tensor], tuple[torch.Tenso
 
 
 def shifted_targets(batch: MicroBatch, ignore_index: int = -100) -> torch.Tensor:
-    """Token j+1 is predicted at column j; tokens outside the loss mask are ignored. [b, s] -> [b, s-1]."""
-    return batch.input_ids[:, 1:].masked_fill(~batch.loss_mask.bool(), ignore_index)
+    """Token j+1 is predicted at column j; tokens outside the loss mask are ignored. [b, s] -> [b, s].
+
+    The last column (nothing to predict) is ``ignore_index`` too, so the logits of all s positions go to the kernel
+    as they are (no ``[:, :-1]`` slice, which would cost a copy forward and a zero-filled gradient backward).
+    """
+    targets = torch.full_like(batch.input_ids, ignore_index)
+    targets[:, :-1] = batch.input_ids[:, 1:].masked_fill(~batch.loss_mask.bool(), ignore_index)
+    return targets
 
 
 class ScoringModel:
@@ -69,6 +75,7 @@ class ScoringModel:
         model.to(env.device)
         load_hf_weights(model, family, hf_path)
         self.chunks: list[torch.nn.Module] = [model]
+        self.vocab_size = model.vocab_size  # the real vocabulary end; the LM head's columns beyond it are padding
 
     @property
     def module(self) -> torch.nn.Module:
@@ -89,9 +96,13 @@ class ScoringModel:
         num_micro_batches = len(micro_batches)
 
         def loss_func(batch: MicroBatch, logits: torch.Tensor):
-            logprobs, entropy = fused_logprob(logits[:, :-1], shifted_targets(batch), tp_group=tp_group,
-                                              return_entropy=True)
-            loss, metrics = token_loss(batch, logprobs, entropy)
+            # logits: the LM head's [s, b, V/TP] output, untouched; nothing reads them after this call, so the
+            # kernel writes their gradient in place (no second tensor of vocabulary size).
+            logprobs, entropy = fused_logprob(logits, shifted_targets(batch), tp_group=tp_group, return_entropy=True,
+                                              vocab_end=self.vocab_size, seq_first=True, inplace_backward=True)
+            # [b, s-1] in row-major order (the kernel's outputs are transposed views): token sums then add up in the
+            # same order as for a batch-first [b, s-1] computation, bit for bit.
+            loss, metrics = token_loss(batch, logprobs[:, :-1].contiguous(), entropy[:, :-1].contiguous())
             # Token losses are normalised by the count of the whole step's batch over all data-parallel ranks
             # (micro-batch exact). The schedule divides each micro-batch's loss by their number and DDP averages
             # gradients over DP ranks; scale both back so the summed gradient is that of the global loss.
@@ -100,7 +111,7 @@ class ScoringModel:
         def forward_step(data_iterator, model):
             batch = next(data_iterator).to(self.env.device)
             logits = model(batch.input_ids, batch.position_ids, batch.attention_mask, batch.pixel_values,
-                           batch.image_grid_thw)
+                           batch.image_grid_thw, raw_logits=True)
             return logits, partial(loss_func, batch)
 
         return get_forward_backward_func()(
