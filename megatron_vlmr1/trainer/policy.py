@@ -58,6 +58,21 @@ def shifted_targets(batch: MicroBatch, ignore_index: int = -100) -> torch.Tensor
     return targets
 
 
+def token_logprobs(logits: torch.Tensor, batch: MicroBatch, tp_group: torch.distributed.ProcessGroup | None,
+                   vocab_end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LM head's raw output [s, b, vocab_shard] (``raw_logits=True``: megatron's layout, padded columns
+    included) → per-token log-probs and entropies [b, s-1] of the next tokens (0 outside the loss mask).
+
+    Nothing of vocabulary size is copied: the kernel reads megatron's layout, skips the columns >= ``vocab_end`` and
+    the rows whose target is ignored, and, since nothing reads the logits after the loss, writes their gradient in
+    place. The [b, s-1] results are made contiguous (they are transposed views) so that token sums add up in the
+    same order as a batch-first computation's, bit for bit.
+    """
+    logprobs, entropy = fused_logprob(logits, shifted_targets(batch), tp_group=tp_group, return_entropy=True,
+                                      vocab_end=vocab_end, seq_first=True, inplace_backward=True)
+    return logprobs[:, :-1].contiguous(), entropy[:, :-1].contiguous()
+
+
 class ScoringModel:
     """This pipeline stage's megatron model, loaded from an HF checkpoint; forward-only scoring."""
 
@@ -96,13 +111,8 @@ class ScoringModel:
         num_micro_batches = len(micro_batches)
 
         def loss_func(batch: MicroBatch, logits: torch.Tensor):
-            # logits: the LM head's [s, b, V/TP] output, untouched; nothing reads them after this call, so the
-            # kernel writes their gradient in place (no second tensor of vocabulary size).
-            logprobs, entropy = fused_logprob(logits, shifted_targets(batch), tp_group=tp_group, return_entropy=True,
-                                              vocab_end=self.vocab_size, seq_first=True, inplace_backward=True)
-            # [b, s-1] in row-major order (the kernel's outputs are transposed views): token sums then add up in the
-            # same order as for a batch-first [b, s-1] computation, bit for bit.
-            loss, metrics = token_loss(batch, logprobs[:, :-1].contiguous(), entropy[:, :-1].contiguous())
+            logprobs, entropy = token_logprobs(logits, batch, tp_group, self.vocab_size)
+            loss, metrics = token_loss(batch, logprobs, entropy)
             # Token losses are normalised by the count of the whole step's batch over all data-parallel ranks
             # (micro-batch exact). The schedule divides each micro-batch's loss by their number and DDP averages
             # gradients over DP ranks; scale both back so the summed gradient is that of the global loss.
