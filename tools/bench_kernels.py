@@ -30,6 +30,9 @@ group 2 = 16 rows) of the same tiny --vocab model in a fresh process per --micro
 peak resident set, and the difference to the first size in units of the extra rows' logits
 ((mbs - mbs_0) x seq x vocab x 4 bytes, seq being the step's padded row length).
 
+GB/s: the fused kernels' minimum traffic over the time, 3 x the logits' bytes (read for the statistics, read and
+written for the gradient) — on a GPU, compare it with the device's memory bandwidth (the goal is >= 2/3 of it).
+
 Peak extra memory = peak during forward+backward minus what was allocated before (inputs), the gradient included:
 - CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats (exact, caching allocator).
 - CPU: the process' peak resident set (VmHWM in /proc/self/status, reset by writing 5 to /proc/self/clear_refs)
@@ -339,7 +342,7 @@ def main() -> None:
     print(f"# device={args.device} backend={backend(args.device)} dtype={args.dtype} tokens={tokens} "
           f"vocab={args.vocab} threads={torch.get_num_threads()} repeat={args.repeat} (median time)")
     header = f"| {'impl':<14} | tp | {'shard':>6} | {'fwd+bwd ms':>10} | {'peak extra MiB':>14} | " \
-             f"{'x shard':>7} | {'time / torch':>12} | {'mem / torch':>11} |"
+             f"{'x shard':>7} | {'time / torch':>12} | {'mem / torch':>11} | {'GB/s':>6} |"
     print(header)
     print("|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|")
     shards = {tp: args.vocab // tp for tp in args.tp}
@@ -367,7 +370,7 @@ def main() -> None:
             ratio_m = f"{peaks[impl] / base_m:.2f}" if base_m else "-"
             print(f"| {impl:<14} | {tp:>2} | {shard:>6} | {seconds[tp, impl] * 1e3:>10.1f} | "
                   f"{peaks[impl] / MIB:>14.0f} | {peaks[impl] / MIB / shard_mib:>7.2f} | {ratio_t:>12} | "
-                  f"{ratio_m:>11} |", flush=True)
+                  f"{ratio_m:>11} | {3 * shard_mib * MIB / seconds[tp, impl] / 1e9:>6.1f} |", flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
 
