@@ -2,7 +2,8 @@
 
 Builds the `megatron_vlmr1._C` extension from csrc/: the CPU kernels always, the CUDA kernels as well when a CUDA
 toolkit is found (CUDA_HOME with nvcc), even on a machine without a GPU. Needs torch at build time, so install with
-`--no-build-isolation` (see the Makefile). TORCH_CUDA_ARCH_LIST picks the GPU targets (default: 8.0;9.0, i.e. A100 and H100).
+`--no-build-isolation` (see the Makefile). TORCH_CUDA_ARCH_LIST picks the GPU targets (default: 8.0;9.0+PTX, i.e. A100
+and H100 machine code, plus sm_90 PTX that the driver compiles at load time on newer GPUs).
 """
 import os
 
@@ -26,7 +27,7 @@ def cuda_toolkit_present() -> bool:
 
 def build_extension():
     with_cuda = cuda_toolkit_present()
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     if with_cuda:
         return cpp_extension.CUDAExtension(
             "megatron_vlmr1._C", extension_sources(True), include_dirs=[CSRC],

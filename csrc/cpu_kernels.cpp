@@ -10,6 +10,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -97,22 +98,32 @@ void load_chunk(const scalar_t* x, int64_t n, float inv_temp, float* buf) {
   for (int64_t j = 0; j < n; ++j) buf[j] = to_float(x[j]) * inv_temp;
 }
 
+// Columns [valid, vocab) of each row (padded vocabulary beyond the real vocabulary end) are never read: they
+// behave as -inf. Rows whose target is ignore_index are not read either; they get {0, 1, 0, 0} (finite, so the
+// caller's log(sum) and dot / sum stay finite on rows it then masks).
 template <typename scalar_t>
 void stats_rows(const scalar_t* logits, const int64_t* targets, float* out, int64_t rows, int64_t vocab,
-                int64_t vocab_start, float inv_temp, int64_t ignore_index) {
+                int64_t valid, int64_t vocab_start, float inv_temp, int64_t ignore_index) {
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     float buf[kChunk];
     for (int64_t row = begin; row < end; ++row) {
+      float* o = out + row * 4;
+      if (targets[row] == ignore_index) {
+        o[0] = 0.f;
+        o[1] = 1.f;
+        o[2] = 0.f;
+        o[3] = 0.f;
+        continue;
+      }
       const scalar_t* x = logits + row * vocab;
       SoftmaxStats acc = empty_stats();
-      for (int64_t start = 0; start < vocab; start += kChunk) {
-        const int64_t n = std::min(kChunk, vocab - start);
+      for (int64_t start = 0; start < valid; start += kChunk) {
+        const int64_t n = std::min(kChunk, valid - start);
         load_chunk(x + start, n, inv_temp, buf);
         acc = merge_stats(acc, chunk_stats(buf, n));
       }
       const int64_t local = targets[row] - vocab_start;
-      const bool owned = targets[row] != ignore_index && local >= 0 && local < vocab;
-      float* o = out + row * 4;
+      const bool owned = local >= 0 && local < valid;
       o[0] = acc.max;
       o[1] = acc.sum;
       o[2] = acc.dot;
@@ -122,12 +133,13 @@ void stats_rows(const scalar_t* logits, const int64_t* targets, float* out, int6
 }
 
 // The target column adds g_lp (the one-hot term) on top of chunk_grad's value. Each chunk is read into buf
-// before it is written, so grad may alias logits (in-place backward).
+// before it is written, so grad may alias logits (in-place backward). Ignored rows and the padded columns
+// [valid, vocab) get zeros without being read.
 template <typename scalar_t>
 void grad_rows(const scalar_t* logits, const int64_t* targets, const float* row_max, const float* log_sum,
                const float* entropy,
                const float* grad_logprob, const float* grad_entropy, scalar_t* grad, int64_t rows, int64_t vocab,
-               int64_t vocab_start, float inv_temp, int64_t ignore_index) {
+               int64_t valid, int64_t vocab_start, float inv_temp, int64_t ignore_index) {
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     float buf[kChunk];
     for (int64_t row = begin; row < end; ++row) {
@@ -140,16 +152,22 @@ void grad_rows(const scalar_t* logits, const int64_t* targets, const float* row_
       const float g_lp = grad_logprob[row] * inv_temp;
       const float g_ent = grad_entropy == nullptr ? 0.f : grad_entropy[row] * inv_temp;
       const int64_t local = targets[row] - vocab_start;
-      for (int64_t start = 0; start < vocab; start += kChunk) {
-        const int64_t n = std::min(kChunk, vocab - start);
+      for (int64_t start = 0; start < valid; start += kChunk) {
+        const int64_t n = std::min(kChunk, valid - start);
         load_chunk(x + start, n, inv_temp, buf);
         chunk_grad(buf, n, row_max[row], log_sum[row], entropy[row], g_lp, g_ent);
         if (local >= start && local < start + n) buf[local - start] += g_lp;
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) g[start + j] = scalar_t(buf[j]);
       }
+      std::fill(g + valid, g + vocab, scalar_t(0.f));
     }
   });
+}
+
+// Number of real columns in this shard: global ids [vocab_start, vocab_end) clipped to the shard's width.
+int64_t valid_columns(int64_t vocab, int64_t vocab_start, int64_t vocab_end) {
+  return std::max<int64_t>(0, std::min<int64_t>(vocab, vocab_end - vocab_start));
 }
 
 void check_logits_targets(const at::Tensor& logits, const at::Tensor& targets) {
@@ -165,12 +183,13 @@ void check_row_vector(const at::Tensor& t, int64_t rows, const char* name) {
 }
 
 at::Tensor logprob_stats_cpu(const at::Tensor& logits, const at::Tensor& targets, int64_t vocab_start,
-                             double inv_temp, int64_t ignore_index) {
+                             int64_t vocab_end, double inv_temp, int64_t ignore_index) {
   check_logits_targets(logits, targets);
   at::Tensor out = at::empty({logits.size(0), 4}, logits.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "logprob_stats_cpu", [&] {
     stats_rows<scalar_t>(logits.const_data_ptr<scalar_t>(), targets.const_data_ptr<int64_t>(),
-                         out.mutable_data_ptr<float>(), logits.size(0), logits.size(1), vocab_start,
+                         out.mutable_data_ptr<float>(), logits.size(0), logits.size(1),
+                         valid_columns(logits.size(1), vocab_start, vocab_end), vocab_start,
                          static_cast<float>(inv_temp), ignore_index);
   });
   return out;
@@ -178,8 +197,8 @@ at::Tensor logprob_stats_cpu(const at::Tensor& logits, const at::Tensor& targets
 
 void logprob_grad_cpu(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& row_max,
                       const at::Tensor& log_sum, const at::Tensor& entropy, const at::Tensor& grad_logprob,
-                      const std::optional<at::Tensor>& grad_entropy, int64_t vocab_start, double inv_temp,
-                      int64_t ignore_index, at::Tensor& grad_logits) {
+                      const std::optional<at::Tensor>& grad_entropy, int64_t vocab_start, int64_t vocab_end,
+                      double inv_temp, int64_t ignore_index, at::Tensor& grad_logits) {
   check_logits_targets(logits, targets);
   const int64_t rows = logits.size(0);
   check_row_vector(row_max, rows, "row_max");
@@ -196,7 +215,8 @@ void logprob_grad_cpu(const at::Tensor& logits, const at::Tensor& targets, const
                         entropy.const_data_ptr<float>(),
                         grad_logprob.const_data_ptr<float>(),
                         grad_entropy.has_value() ? grad_entropy->const_data_ptr<float>() : nullptr,
-                        grad_logits.mutable_data_ptr<scalar_t>(), rows, logits.size(1), vocab_start,
+                        grad_logits.mutable_data_ptr<scalar_t>(), rows, logits.size(1),
+                        valid_columns(logits.size(1), vocab_start, vocab_end), vocab_start,
                         static_cast<float>(inv_temp), ignore_index);
   });
 }

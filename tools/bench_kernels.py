@@ -2,6 +2,8 @@
 
     python tools/bench_kernels.py                          # CPU: 1024 tokens x 151936 vocab, TP 1/2/8
     python tools/bench_kernels.py --device cuda --tokens 8192 --dtype bf16
+    python tools/bench_kernels.py --trainer-path [--rows 8 --seq 204]   # the trainer's loss path vs the kernel alone
+    python tools/bench_kernels.py --grpo-step [--micro-batch 1 16]      # peak memory of one GRPO step per micro-batch
 
 Implementations, each computing per-token log p(target) and the gradient w.r.t. the logits for loss = -sum(log p):
 - torch:        log_softmax + gather (what a plain GRPO trainer does); its autograd keeps the log-softmax output,
@@ -15,6 +17,21 @@ Implementations, each computing per-token log p(target) and the gradient w.r.t. 
 
 TP shards are simulated by vocabulary slicing: one process runs one rank's share, [tokens, vocab / tp], with
 tp_group=None (the real kernel adds two all-reduces over [tokens] and [tokens, 3], negligible next to the shard).
+
+--trainer-path: a tiny Qwen2.5-VL (2 layers, hidden 128) with a --vocab LM head, built by tools/make_tiny_model.py;
+one micro-batch of --rows x --seq tokens (first half prompt: targets ignored) through `ScoringModel.run`, i.e.
+megatron's schedule, the model's LM head and the trainer's own loss function, forward and backward. Beside it the
+kernel alone: the same tokens' logits from one matmul of [tokens, hidden] by the LM head's [vocab, hidden] weight,
+then `fused_logprob(..., inplace_backward=True)` with the same targets. Both count the logits they produce; the
+trainer path also runs the embedding and the two tiny layers (a few MiB).
+
+--grpo-step: one real GRPO step (`GRPOTrainer`, transformers rollout engine, synthetic REC data, fp32, 8 prompts x
+group 2 = 16 rows) of the same tiny --vocab model in a fresh process per --micro-batch size; reports each process'
+peak resident set, and the difference to the first size in units of the extra rows' logits
+((mbs - mbs_0) x seq x vocab x 4 bytes, seq being the step's padded row length).
+
+GB/s: the fused kernels' minimum traffic over the time, 3 x the logits' bytes (read for the statistics, read and
+written for the gradient) — on a GPU, compare it with the device's memory bandwidth (the goal is >= 2/3 of it).
 
 Peak extra memory = peak during forward+backward minus what was allocated before (inputs), the gradient included:
 - CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats (exact, caching allocator).
@@ -144,7 +161,154 @@ def init_single_rank_group(device: str) -> None:
     parallel_state.initialize_model_parallel(1)
 
 
+def tiny_model(vocab: int, out_dir: str) -> str:
+    from tools.make_tiny_model import make_tiny_model
+
+    return str(make_tiny_model("qwen2_5_vl", out_dir, seed=0, vocab_size=vocab))
+
+
+def trainer_batch(rows: int, seq: int, vocab_tokens: int, device: str):
+    """Text-only rows of `seq` tokens; the first half of each row is prompt (outside the loss)."""
+    from megatron_vlmr1.trainer.policy import MicroBatch
+
+    gen = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(20, vocab_tokens, (rows, seq), generator=gen)
+    loss_mask = torch.zeros(rows, seq - 1, dtype=torch.long)
+    loss_mask[:, seq // 2:] = 1
+    position_ids = torch.arange(seq).expand(3, rows, seq).contiguous()
+    return MicroBatch(input_ids, torch.ones(rows, seq, dtype=torch.long), position_ids, loss_mask).to(device)
+
+
+def bench_trainer_path(args) -> None:
+    """The trainer's real loss path (ScoringModel.run) beside the LM-head matmul + kernel alone."""
+    import tempfile
+
+    from transformers import AutoConfig
+
+    from megatron_vlmr1.trainer.config import ModelConfig, ParallelConfig
+    from megatron_vlmr1.trainer.distributed import init_parallel, teardown_parallel
+    from megatron_vlmr1.trainer.policy import ScoringModel, shifted_targets
+    from megatron_vlmr1.vlm.base import get_family
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = tiny_model(args.vocab, tmp)
+        env = init_parallel(ParallelConfig(tp=1, pp=1, device=args.device), seed=0)
+        hf_config = AutoConfig.from_pretrained(path)
+        scoring = ScoringModel(get_family(hf_config), hf_config, path, env, ModelConfig(path=path))
+    scoring.module.train()
+    batch = trainer_batch(args.rows, args.seq, 1000, args.device)
+    tokens = args.rows * args.seq
+    weight = scoring.module.language_model.output_layer.weight.detach().clone().requires_grad_()
+    hidden = torch.randn(tokens, weight.shape[1], device=args.device, requires_grad=True)
+    targets = shifted_targets(batch).t().reshape(-1)  # the trainer's targets, in its (s, b) row order
+    vocab_end = scoring.vocab_size
+
+    def trainer_path():
+        scoring.run([batch], lambda mb, logprobs, entropy: (-logprobs.sum(), {}), forward_only=False)
+
+    def kernel_alone():
+        logits = hidden @ weight.t()
+        (-fused_logprob(logits, targets, vocab_end=vocab_end, inplace_backward=True)).sum().backward()
+
+    paths = {"trainer path": trainer_path, "kernel alone": kernel_alone}
+    meter = CudaPeak() if args.device == "cuda" else CpuPeak()
+
+    def timed(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    seconds = {}
+    for name, fn in paths.items():
+        fn()  # warm-up; also allocates the parameters' .grad, which later runs accumulate into
+        seconds[name] = statistics.median(timed(fn) for _ in range(args.repeat))
+    meter.enable()
+    peaks = {}
+    for name, fn in paths.items():
+        fn()
+        runs = []
+        for _ in range(3):
+            meter.reset()
+            fn()
+            runs.append(meter.extra())
+        peaks[name] = max(runs)
+    logits_mib = tokens * weight.shape[0] * 4 / MIB
+    print(f"# device={args.device} backend={backend(args.device)} fp32 rows={args.rows} seq={args.seq} "
+          f"tokens={tokens} vocab={weight.shape[0]} logits={logits_mib:.0f} MiB threads={torch.get_num_threads()} "
+          f"repeat={args.repeat} (median time, max of 3 peaks)")
+    print("| path         | fwd+bwd ms | peak extra MiB | x logits | time / kernel | mem / kernel |")
+    print("|--------------|------------|----------------|----------|---------------|--------------|")
+    for name in paths:
+        print(f"| {name:<12} | {seconds[name] * 1e3:>10.1f} | {peaks[name] / MIB:>14.0f} | "
+              f"{peaks[name] / MIB / logits_mib:>8.2f} | {seconds[name] / seconds['kernel alone']:>13.2f} | "
+              f"{peaks[name] / peaks['kernel alone']:>12.2f} |", flush=True)
+    teardown_parallel(env)
+
+
+def grpo_step_child(model: str, micro_batch: int, out_dir: str) -> None:
+    """One GRPO step at this micro-batch size; prints `peak_bytes seq` (run in a fresh process)."""
+    from megatron_vlmr1.config import from_dict
+    from megatron_vlmr1.data.synthetic import make_rec_dataset
+    from megatron_vlmr1.trainer import policy
+    from megatron_vlmr1.trainer.grpo import GRPORunConfig, GRPOTrainer
+
+    data = make_rec_dataset(os.path.join(out_dir, "data"), 16, seed=0, difficulty="easy")["train"]
+    cfg = from_dict(GRPORunConfig, {
+        "model": {"path": model}, "data": {"files": [str(data)], "task": "rec"},
+        "rollout": {"sampling": {"max_new_tokens": 48}}, "algo": {"group_size": 2, "beta": 0.04},
+        "rewards": [{"name": "format", "weight": 1.0}],
+        "train": {"output_dir": os.path.join(out_dir, "run"), "steps": 1, "prompts_per_step": 8,
+                  "micro_batch_size": micro_batch, "tensorboard": False, "progress_bar": False},
+        "checkpoint": {"export_hf": False}, "parallel": {"device": "cpu"},
+    })
+    seen = []
+    run = policy.ScoringModel.run
+
+    def recording_run(self, micro_batches, token_loss, forward_only):
+        seen.append(micro_batches[0].input_ids.shape)
+        return run(self, micro_batches, token_loss, forward_only)
+
+    policy.ScoringModel.run = recording_run
+    trainer = GRPOTrainer(cfg)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    print("RESULT", CpuPeak._status_kib("VmHWM") * 1024, seen[-1][1], flush=True)
+
+
+def bench_grpo_step(args) -> None:
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = tiny_model(args.vocab, os.path.join(tmp, "model"))
+        results = {}
+        for mbs in args.micro_batch:
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--grpo-step-child", model, str(mbs),
+                                  os.path.join(tmp, f"mbs{mbs}")], capture_output=True, text=True)
+            lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT")]
+            if out.returncode or not lines:
+                raise RuntimeError(f"GRPO step at micro-batch {mbs} failed:\n{out.stderr[-3000:]}")
+            results[mbs] = tuple(int(v) for v in lines[-1].split()[1:])
+    print(f"# one GRPO step, CPU, fp32, vocab={args.vocab}, 16 rows; peak RSS per fresh process")
+    print("| micro-batch | seq | peak RSS MiB | extra vs first MiB | extra rows' logits MiB | ratio |")
+    print("|-------------|-----|--------------|--------------------|------------------------|-------|")
+    first = args.micro_batch[0]
+    for mbs, (peak, seq) in results.items():
+        extra = peak - results[first][0]
+        rows_logits = (mbs - first) * seq * args.vocab * 4
+        ratio = f"{extra / rows_logits:.2f}" if rows_logits else "-"
+        print(f"| {mbs:>11} | {seq:>3} | {peak / MIB:>12.0f} | {extra / MIB:>18.0f} | {rows_logits / MIB:>22.0f} | "
+              f"{ratio:>5} |", flush=True)
+
+
 def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "--grpo-step-child":
+        grpo_step_child(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tokens", type=int, default=None, help="default: 4096 on cuda, 1024 on cpu")
@@ -154,9 +318,22 @@ def main() -> None:
     parser.add_argument("--impl", nargs="+", choices=IMPLS, default=list(IMPLS))
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--trainer-path", action="store_true",
+                        help="the trainer's loss path from a model's LM head, beside the kernel alone")
+    parser.add_argument("--rows", type=int, default=8, help="--trainer-path: rows (sequences) in the micro-batch")
+    parser.add_argument("--seq", type=int, default=204, help="--trainer-path: tokens per row")
+    parser.add_argument("--grpo-step", action="store_true",
+                        help="peak memory of one GRPO step at each --micro-batch size (CPU)")
+    parser.add_argument("--micro-batch", type=int, nargs="+", default=[1, 16])
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.grpo_step:
+        bench_grpo_step(args)
+        return
+    if args.trainer_path:
+        bench_trainer_path(args)
+        return
     tokens = args.tokens or (4096 if args.device == "cuda" else 1024)
     if "megatron" in args.impl:
         init_single_rank_group(args.device)
@@ -165,7 +342,7 @@ def main() -> None:
     print(f"# device={args.device} backend={backend(args.device)} dtype={args.dtype} tokens={tokens} "
           f"vocab={args.vocab} threads={torch.get_num_threads()} repeat={args.repeat} (median time)")
     header = f"| {'impl':<14} | tp | {'shard':>6} | {'fwd+bwd ms':>10} | {'peak extra MiB':>14} | " \
-             f"{'x shard':>7} | {'time / torch':>12} | {'mem / torch':>11} |"
+             f"{'x shard':>7} | {'time / torch':>12} | {'mem / torch':>11} | {'GB/s':>6} |"
     print(header)
     print("|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|")
     shards = {tp: args.vocab // tp for tp in args.tp}
@@ -193,7 +370,7 @@ def main() -> None:
             ratio_m = f"{peaks[impl] / base_m:.2f}" if base_m else "-"
             print(f"| {impl:<14} | {tp:>2} | {shard:>6} | {seconds[tp, impl] * 1e3:>10.1f} | "
                   f"{peaks[impl] / MIB:>14.0f} | {peaks[impl] / MIB / shard_mib:>7.2f} | {ratio_t:>12} | "
-                  f"{ratio_m:>11} |", flush=True)
+                  f"{ratio_m:>11} | {3 * shard_mib * MIB / seconds[tp, impl] / 1e9:>6.1f} |", flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -6,6 +6,7 @@ real Qwen special tokens and chat template, and an image processor whose pixel b
 image into 16 to 64 image tokens. The result loads with ``from_pretrained`` (model, ``AutoProcessor``) and in vLLM.
 
     python tools/make_tiny_model.py --arch qwen2_5_vl --out /tmp/tiny [--seed 0] [--layers 4] [--tie-embeddings]
+        [--vocab-size 151936]   # the model's embedding / LM head width (Qwen's real one here); the tokenizer stays tiny
 """
 from __future__ import annotations
 
@@ -198,12 +199,13 @@ def _save_tokenizer_and_processor(arch: str, tokenizer: Tokenizer, out_dir: Path
 def make_tiny_model(arch: str, out_dir: str | Path, seed: int = 0, *, num_layers: int = 2,
                     tie_embeddings: bool = False, hidden_size: int = 128, num_heads: int = 2, num_kv_heads: int = 1,
                     intermediate_size: int = 256, vision_depth: int = 2, vision_hidden_size: int = 128,
-                    vision_heads: int = 2, tokenizer_vocab_size: int = 1536) -> Path:
+                    vision_heads: int = 2, tokenizer_vocab_size: int = 1536, vocab_size: int | None = None) -> Path:
     """Write a tiny HF checkpoint (config, safetensors, tokenizer, processor) for ``arch`` into ``out_dir``.
 
     The same arguments always produce the same files (weights from ``torch.manual_seed(seed)``; the BPE tokenizer
     is trained on a fixed corpus, so it is the same for every seed).
-    The model vocabulary is the tokenizer's rounded up to a multiple of 128, as real Qwen pads its embedding.
+    The model vocabulary is the tokenizer's rounded up to a multiple of 128, as real Qwen pads its embedding, or
+    ``vocab_size`` (at least the tokenizer's): memory and kernel benchmarks use Qwen's 151,936 with tiny layers.
     Returns ``out_dir`` as a Path.
     """
     if arch not in SUPPORTED_ARCHS:
@@ -214,7 +216,11 @@ def make_tiny_model(arch: str, out_dir: str | Path, seed: int = 0, *, num_layers
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(tokenizer_vocab_size)
     token_ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
-    config = _model_config(arch, _round_up(tokenizer.get_vocab_size(), 128), token_ids, num_layers, tie_embeddings,
+    if vocab_size is None:
+        vocab_size = _round_up(tokenizer.get_vocab_size(), 128)
+    elif vocab_size < tokenizer.get_vocab_size():
+        raise ValueError(f"--vocab-size {vocab_size} is smaller than the tokenizer's {tokenizer.get_vocab_size()} tokens")
+    config = _model_config(arch, vocab_size, token_ids, num_layers, tie_embeddings,
                            hidden_size, num_heads, num_kv_heads, intermediate_size, vision_depth,
                            vision_hidden_size, vision_heads)
     model_cls = Qwen2_5_VLForConditionalGeneration if arch == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
@@ -236,10 +242,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--tie-embeddings", action="store_true")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="model vocabulary (embedding/LM-head rows); default: the tokenizer's, rounded up to 128")
     args = parser.parse_args(argv)
     try:
         path = make_tiny_model(args.arch, args.out, args.seed, num_layers=args.layers,
-                               tie_embeddings=args.tie_embeddings)
+                               tie_embeddings=args.tie_embeddings, vocab_size=args.vocab_size)
     except ValueError as err:
         parser.error(str(err))
     print(path)

@@ -43,35 +43,49 @@ def group_advantage_reference(rewards: torch.Tensor, group_size: int, scale: str
     return centered.reshape(-1)
 
 
-def logprob_stats_torch(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, inv_temp: float,
-                        ignore_index: int) -> torch.Tensor:
+def valid_columns(vocab_shard: int, vocab_start: int, vocab_end: int) -> int:
+    """Real (non-padded) columns of a shard holding global ids [vocab_start, vocab_start + vocab_shard)."""
+    return max(0, min(vocab_shard, vocab_end - vocab_start))
+
+
+def logprob_stats_torch(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, vocab_end: int,
+                        inv_temp: float, ignore_index: int) -> torch.Tensor:
     """Torch twin of `vlmr1::logprob_stats`: logits `[N, V_shard]`, targets `[N]` → `[N, 4]` fp32.
 
     Columns: max x, sum exp(x - max), sum exp(x - max) * (x - max), and the target's x when this shard holds it
-    (else 0), with x = logits * inv_temp. A row of only -inf gives (-inf, 0, 0, .).
+    (else 0), with x = logits * inv_temp over the shard's real columns (global ids < vocab_end). A row of only -inf
+    (or a shard of padding only) gives (-inf, 0, 0, .); a row whose target is ignore_index gives (0, 1, 0, 0).
     """
-    x = logits.float() * inv_temp
-    row_max = x.max(dim=-1).values
-    finite_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    shifted = x - finite_max.unsqueeze(-1)
-    e = shifted.exp()
-    dot = torch.where(e > 0, e * shifted, torch.zeros_like(e)).sum(-1)
-    local = targets - vocab_start
-    owned = (targets != ignore_index) & (local >= 0) & (local < logits.shape[-1])
-    target_x = x.gather(-1, torch.where(owned, local, torch.zeros_like(local)).unsqueeze(-1)).squeeze(-1)
-    target_x = torch.where(owned, target_x, torch.zeros_like(target_x))
-    return torch.stack([row_max, e.sum(-1), dot, target_x], dim=-1)
+    valid = valid_columns(logits.shape[-1], vocab_start, vocab_end)
+    ignored = targets == ignore_index
+    if valid == 0:
+        out = torch.tensor([float("-inf"), 0.0, 0.0, 0.0]).expand(logits.shape[0], 4).clone()
+    else:
+        x = logits[:, :valid].float() * inv_temp
+        row_max = x.max(dim=-1).values
+        finite_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        shifted = x - finite_max.unsqueeze(-1)
+        e = shifted.exp()
+        dot = torch.where(e > 0, e * shifted, torch.zeros_like(e)).sum(-1)
+        local = targets - vocab_start
+        owned = ~ignored & (local >= 0) & (local < valid)
+        target_x = x.gather(-1, torch.where(owned, local, torch.zeros_like(local)).unsqueeze(-1)).squeeze(-1)
+        target_x = torch.where(owned, target_x, torch.zeros_like(target_x))
+        out = torch.stack([row_max, e.sum(-1), dot, target_x], dim=-1)
+    out[ignored] = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    return out.to(logits.device)
 
 
 def logprob_grad_torch(logits: torch.Tensor, targets: torch.Tensor, row_max: torch.Tensor, log_sum: torch.Tensor,
                        entropy: torch.Tensor,
                        grad_logprob: torch.Tensor, grad_entropy: torch.Tensor | None, vocab_start: int,
-                       inv_temp: float, ignore_index: int) -> torch.Tensor:
+                       vocab_end: int, inv_temp: float, ignore_index: int) -> torch.Tensor:
     """Torch twin of `vlmr1::logprob_grad`; returns the gradient `[N, V_shard]` in the logits' dtype.
 
-    grad_j = inv_temp * (g_lp * (onehot_j - p_j) - g_ent * p_j * (logp_j + H)), zero on ignored rows, with
-    logp_j = (x_j - row_max) - log_sum.
+    grad_j = inv_temp * (g_lp * (onehot_j - p_j) - g_ent * p_j * (logp_j + H)), zero on ignored rows and on the
+    padded columns (global id >= vocab_end), with logp_j = (x_j - row_max) - log_sum.
     """
+    valid = valid_columns(logits.shape[-1], vocab_start, vocab_end)
     logp = (logits.float() * inv_temp - row_max.unsqueeze(-1)) - log_sum.unsqueeze(-1)
     p = logp.exp()
     grad = -grad_logprob.unsqueeze(-1) * p
@@ -79,9 +93,10 @@ def logprob_grad_torch(logits: torch.Tensor, targets: torch.Tensor, row_max: tor
         ent = grad_entropy.unsqueeze(-1) * p * (logp + entropy.unsqueeze(-1))
         grad = grad - torch.where(p > 0, ent, torch.zeros_like(ent))
     local = targets - vocab_start
-    owned = (local >= 0) & (local < logits.shape[-1])
+    owned = (local >= 0) & (local < valid)
     onehot_rows = torch.nonzero(owned).squeeze(-1)
     grad[onehot_rows, local[onehot_rows]] += grad_logprob[onehot_rows]
     grad = grad * inv_temp
     grad[targets == ignore_index] = 0
+    grad[:, valid:] = 0
     return grad.to(logits.dtype)

@@ -53,15 +53,29 @@ TokenLoss = Callable[[MicroBatch, torch.Tensor, torch.Tensor], tuple[torch.Tenso
 
 
 def shifted_targets(batch: MicroBatch, ignore_index: int = -100) -> torch.Tensor:
-    """Token j+1 is predicted at column j; tokens outside the loss mask are ignored. [b, s] -> [b, s-1]."""
-    return batch.input_ids[:, 1:].masked_fill(~batch.loss_mask.bool(), ignore_index)
+    """Token j+1 is predicted at column j; tokens outside the loss mask are ignored. [b, s] -> [b, s].
+
+    The last column (nothing to predict) is ``ignore_index`` too, so the logits of all s positions go to the kernel
+    as they are (no ``[:, :-1]`` slice, which would cost a copy forward and a zero-filled gradient backward).
+    """
+    targets = torch.full_like(batch.input_ids, ignore_index)
+    targets[:, :-1] = batch.input_ids[:, 1:].masked_fill(~batch.loss_mask.bool(), ignore_index)
+    return targets
 
 
-def token_logprobs(logits: torch.Tensor, batch: MicroBatch,
-                   tp_group: torch.distributed.ProcessGroup | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits [b, s, vocab_shard] (this TP rank's vocabulary shard) → per-token log-probs and entropies [b, s-1]
-    of the next tokens (the fused vocab-parallel kernel; 0 outside the loss mask)."""
-    return fused_logprob(logits[:, :-1], shifted_targets(batch), tp_group=tp_group, return_entropy=True)
+def token_logprobs(logits: torch.Tensor, batch: MicroBatch, tp_group: torch.distributed.ProcessGroup | None,
+                   vocab_end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LM head's raw output [s, b, vocab_shard] (``raw_logits=True``: megatron's layout, padded columns
+    included) → per-token log-probs and entropies [b, s-1] of the next tokens (0 outside the loss mask).
+
+    Nothing of vocabulary size is copied: the kernel reads megatron's layout, skips the columns >= ``vocab_end`` and
+    the rows whose target is ignored, and, since nothing reads the logits after the loss, writes their gradient in
+    place. The [b, s-1] results are made contiguous (they are transposed views) so that token sums add up in the
+    same order as a batch-first computation's, bit for bit.
+    """
+    logprobs, entropy = fused_logprob(logits, shifted_targets(batch), tp_group=tp_group, return_entropy=True,
+                                      vocab_end=vocab_end, seq_first=True, inplace_backward=True)
+    return logprobs[:, :-1].contiguous(), entropy[:, :-1].contiguous()
 
 
 class ScoringModel:
@@ -82,6 +96,7 @@ class ScoringModel:
         model.to(env.device)
         load_hf_weights(model, family, hf_path)
         self.chunks: list[torch.nn.Module] = [model]
+        self.vocab_size = model.vocab_size  # the real vocabulary end; the LM head's columns beyond it are padding
 
     @property
     def module(self) -> torch.nn.Module:
@@ -101,13 +116,13 @@ class ScoringModel:
         num_micro_batches = len(micro_batches)
 
         def loss_func(batch: MicroBatch, logits: torch.Tensor):
-            logprobs, entropy = token_logprobs(logits, batch, tp_group)
+            logprobs, entropy = token_logprobs(logits, batch, tp_group, self.vocab_size)
             return token_loss(batch, logprobs, entropy)
 
         def forward_step(data_iterator, model):
             batch = next(data_iterator).to(self.env.device)
             logits = model(batch.input_ids, batch.position_ids, batch.attention_mask, batch.pixel_values,
-                           batch.image_grid_thw)
+                           batch.image_grid_thw, raw_logits=True)
             return logits, partial(loss_func, batch)
 
         return get_forward_backward_func()(

@@ -154,12 +154,105 @@ def test_non_contiguous_logits():
     (dict(targets=torch.tensor([0.0, 1.0])), "integer token ids"),
     (dict(logits=torch.zeros(2, 10, dtype=torch.float64)), "dtype"),
     (dict(temperature=0.0), "temperature"),
+    (dict(vocab_end=11), "vocab_end=11"),
+    (dict(vocab_end=5, targets=torch.tensor([0, 7])), r"outside the vocabulary \[0, 5\)"),
+    (dict(seq_first=True), "seq_first"),
+    (dict(seq_first=True, logits=torch.zeros(2, 3, 10)), "seq_first"),
 ])
 def test_user_errors(kwargs, message):
     args = dict(logits=torch.zeros(2, 10), targets=torch.tensor([0, 1]))
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         fused_logprob(**args)
+
+
+def run_trainer_layout(logits_sbv, targets_bs, grad_lp, grad_ent, vocab_end, tp_group=None, rank=0, world_size=1):
+    """The trainer's call on this rank's shard of [s, b, V] logits: returns (lp, ent, grad of the shard, shared?)."""
+    shard = logits_sbv.shape[-1] // world_size
+    leaf = logits_sbv[..., rank * shard:(rank + 1) * shard].clone().requires_grad_()
+    hidden = leaf + 0.0  # the LM head's output: produced by an op that does not save it
+    seen = []
+    hidden.register_hook(lambda grad: seen.append(grad.data_ptr()))
+    lp, ent = fused_logprob(hidden, targets_bs, tp_group=tp_group, return_entropy=True, vocab_end=vocab_end,
+                            seq_first=True, inplace_backward=True)
+    (lp * grad_lp + ent * grad_ent).sum().backward()
+    return lp.detach(), ent.detach(), leaf.grad, seen == [hidden.data_ptr()]
+
+
+def make_trainer_case(dtype, seed, vocab=2 * 1500, vocab_end=2 * 1500 - 213, seq=5, batch=3):
+    """[s, b, V] logits whose padded columns hold garbage (finite, large), [b, s] shifted targets ending in ignores."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(seq, batch, vocab, generator=gen) * 3).to(dtype)
+    logits[..., vocab_end:] = 50.0  # an unmasked LM head's padded rows: would dominate any softmax reading them
+    targets = torch.randint(0, vocab_end, (batch, seq), generator=gen)
+    targets[:, -1] = -100  # nothing to predict after the last token
+    targets[0, :2] = -100  # prompt tokens
+    targets[2, :] = -100   # a row (padding) with nothing in the loss
+    targets[1, 0] = vocab_end - 1
+    return logits, targets, torch.randn(batch, seq, generator=gen), torch.randn(batch, seq, generator=gen), vocab_end
+
+
+def reference_trainer_layout(logits_sbv, targets_bs, grad_lp, grad_ent, vocab_end):
+    """log_softmax + gather on [b, s, V] with the padded columns sliced off; the gradient mapped back to [s, b, V]."""
+    leaf = logits_sbv.clone().requires_grad_()
+    lp, ent = logprob_reference(leaf.transpose(0, 1)[..., :vocab_end], targets_bs)
+    (lp * grad_lp + ent * grad_ent).sum().backward()
+    return lp.detach(), ent.detach(), leaf.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_trainer_layout_tp1_matches_reference(dtype):
+    # [s, b, V] logits straight from the LM head, padded columns masked inside the kernel, ignored rows skipped,
+    # gradient written in place: the same numbers as log_softmax over [b, s, V][..., :vocab_end].
+    logits, targets, grad_lp, grad_ent, vocab_end = make_trainer_case(dtype, seed=11)
+    lp, ent, grad, in_place = run_trainer_layout(logits, targets, grad_lp, grad_ent, vocab_end)
+    want = reference_trainer_layout(logits, targets, grad_lp, grad_ent, vocab_end)
+    assert in_place and lp.shape == targets.shape
+    torch.testing.assert_close(lp, want[0], atol=FP32_ATOL, rtol=0)
+    torch.testing.assert_close(ent, want[1], atol=FP32_ATOL, rtol=0)
+    assert torch.count_nonzero(grad[..., vocab_end:]) == 0
+    assert torch.count_nonzero(grad[:, 2]) == 0 and torch.count_nonzero(grad[-1]) == 0  # ignored rows
+    torch.testing.assert_close(grad, want[2], **({"atol": FP32_ATOL, "rtol": 0} if dtype == torch.float32 else {}))
+
+
+def test_ignored_rows_and_padded_columns_are_not_read():
+    # NaN in every place the kernels skip: the results are those of the clean logits.
+    logits, targets, grad_lp, grad_ent, vocab_end = make_trainer_case(torch.float32, seed=12)
+    dirty = logits.clone()
+    dirty[..., vocab_end:] = float("nan")
+    dirty.transpose(0, 1)[targets == -100] = float("nan")
+    got = run_trainer_layout(dirty, targets, grad_lp, grad_ent, vocab_end)
+    want = run_trainer_layout(logits, targets, grad_lp, grad_ent, vocab_end)
+    for a, b in zip(got[:3], want[:3]):
+        assert torch.equal(a, b)
+
+
+def test_seq_first_equals_batch_first_bit_for_bit():
+    # Only the row order differs: per row the same arithmetic, so the same bits.
+    logits, targets, grad_lp, grad_ent, vocab_end = make_trainer_case(torch.float32, seed=13)
+    lp, ent, grad, _ = run_trainer_layout(logits, targets, grad_lp, grad_ent, vocab_end)
+    leaf = logits.transpose(0, 1).contiguous()[..., :vocab_end].requires_grad_()
+    lp2, ent2 = fused_logprob(leaf, targets, return_entropy=True)
+    (lp2 * grad_lp + ent2 * grad_ent).sum().backward()
+    assert torch.equal(lp, lp2) and torch.equal(ent, ent2)
+    assert torch.equal(grad.transpose(0, 1)[..., :vocab_end], leaf.grad)
+
+
+def _trainer_layout_tp_worker(rank, world_size, logits, targets, grad_lp, grad_ent, vocab_end):
+    return run_trainer_layout(logits, targets, grad_lp, grad_ent, vocab_end, dist.group.WORLD, rank, world_size)
+
+
+@pytest.mark.parametrize("vocab_end", [2 * 1500 - 213, 1500 - 5])  # padding on rank 1 only / rank 1 all padding
+def test_trainer_layout_tp2_matches_reference(vocab_end):
+    logits, targets, grad_lp, grad_ent, _ = make_trainer_case(torch.float32, seed=14, vocab_end=vocab_end)
+    results = run_distributed(_trainer_layout_tp_worker, 2, logits, targets, grad_lp, grad_ent, vocab_end)
+    want = reference_trainer_layout(logits, targets, grad_lp, grad_ent, vocab_end)
+    for lp, ent, _, in_place in results:
+        assert in_place
+        torch.testing.assert_close(lp, want[0], atol=FP32_ATOL, rtol=0)
+        torch.testing.assert_close(ent, want[1], atol=FP32_ATOL, rtol=0)
+    grad = torch.cat([results[0][2], results[1][2]], dim=-1)
+    torch.testing.assert_close(grad, want[2], atol=FP32_ATOL, rtol=0)
 
 
 def _tp_worker(rank, world_size, logits, targets, grad_lp, grad_ent, temperature):
@@ -213,3 +306,26 @@ def test_random_shapes_match_reference(tokens, vocab, temperature, scale, pad, s
     # rtol 1e-6 (a few fp32 ulps) on top of 1e-5 abs: log-probs reach -1e4 here, where one ulp is ~1e-3.
     for got, want in zip(ours, ref):
         torch.testing.assert_close(got, want, atol=FP32_ATOL, rtol=1e-6)
+
+
+def test_rows_past_2_31_elements():
+    # T x V > 2^31 (bf16, 4.3 GB of address space): every row but the last three is ignored, so only those are read
+    # and only their pages are ever touched (the rest stays unmapped, costing no memory). The last rows' offsets
+    # (row * V) exceed int32; a 32-bit index would read the wrong rows. The backward writes every row (zeros on
+    # ignored ones), which would touch all 4.3 GB: its offsets are the same int64 row * V (and the CUDA kernels'
+    # row split is checked on CPU in test_row_layout.py).
+    vocab = 151936
+    rows = 2 ** 31 // vocab + 3
+    logits = torch.empty(rows, vocab, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(15)
+    logits[-3:] = (torch.randn(3, vocab, generator=gen) * 3).to(torch.bfloat16)
+    targets = torch.full((rows,), -100)
+    targets[-3:] = torch.tensor([5, vocab - 1, 77777])
+    assert rows * vocab > 2 ** 31
+    with torch.no_grad():
+        lp, ent = fused_logprob(logits, targets, return_entropy=True)
+    ref_lp, ref_ent = logprob_reference(logits[-3:], targets[-3:])
+    torch.testing.assert_close(lp[-3:], ref_lp, atol=FP32_ATOL, rtol=0)
+    # entropy ~6.7 summed over 152k fp32 terms in different orders: a few ulp apart
+    torch.testing.assert_close(ent[-3:], ref_ent, atol=FP32_ATOL, rtol=2e-5)
+    assert torch.count_nonzero(lp[:-3]) == 0 and torch.count_nonzero(ent[:-3]) == 0

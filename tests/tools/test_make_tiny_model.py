@@ -113,3 +113,15 @@ def test_unsupported_arch_lists_supported_ones(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "tools" / "make_tiny_model.py"), "--arch", "internvl",
                              "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and "supported: qwen2_5_vl, qwen2_vl" in result.stderr
+
+
+def test_vocab_size_widens_the_model_not_the_tokenizer(tmp_path):
+    # Benchmarks need Qwen's LM-head width with tiny layers; 1700 is not a multiple of 128 (megatron pads it).
+    out = make_tiny_model("qwen2_5_vl", tmp_path / "wide", vocab_size=1700)
+    config = AutoConfig.from_pretrained(out)
+    weights = load_file(str(out / "model.safetensors"))
+    assert config.text_config.vocab_size == 1700
+    assert weights["lm_head.weight"].shape[0] == 1700
+    assert len(AutoProcessor.from_pretrained(out).tokenizer) < 1700
+    with pytest.raises(ValueError, match="smaller than the tokenizer"):
+        make_tiny_model("qwen2_5_vl", tmp_path / "narrow", vocab_size=100)

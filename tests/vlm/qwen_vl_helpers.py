@@ -74,7 +74,7 @@ def build_loaded(hf_dir: str, num_query_groups: int | None = None):
 def _forward_step(batch: dict, data_iterator, model):
     next(data_iterator)
     output = model(batch["input_ids"], batch["position_ids"], batch["attention_mask"], batch["pixel_values"],
-                   batch["image_grid_thw"])
+                   batch["image_grid_thw"], raw_logits=batch.get("raw_logits", False))
     return output, partial(_loss_or_logits, batch)
 
 
@@ -100,6 +100,28 @@ def run_pipeline(model, batch: dict, forward_only: bool):
         forward_step_func=partial(_forward_step, batch), data_iterator=iter([None]), model=[model],
         num_microbatches=1, seq_length=seq, micro_batch_size=batch["input_ids"].shape[0],
         forward_only=forward_only, collect_non_loss_data=forward_only)
+
+
+def trainer_logprobs(model, batch: dict, tp: int) -> torch.Tensor | None:
+    """Log-probs [b, s] of the next tokens the way the trainer computes them: the LM head's raw [s, b, V/TP]
+    output straight into the fused kernel, padded columns excluded by ``vocab_end``. None off the last stage."""
+    from megatron.core import parallel_state
+
+    from megatron_vlmr1.kernels import fused_logprob
+
+    data = run_pipeline(model, dict(batch, raw_logits=True), forward_only=True)
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    targets = next_token_targets(batch)
+    group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
+    return fused_logprob(data[0], targets, tp_group=group, vocab_end=model.vocab_size, seq_first=True)
+
+
+def next_token_targets(batch: dict) -> torch.Tensor:
+    """[b, s] next-token ids, -100 at the last position and where the next token is padding."""
+    targets = torch.full_like(batch["input_ids"], -100)
+    targets[:, :-1] = batch["input_ids"][:, 1:].masked_fill(~batch["attention_mask"][:, 1:].bool(), -100)
+    return targets
 
 
 def gather_vocab(logits: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from tests.distributed import run_distributed
 from tests.vlm import qwen_vl_helpers as helpers
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
+RAW_LAYOUTS = [(1, 1), (2, 1), (2, 2)]  # where the trainer's path (raw [s, b, V/TP] logits -> kernel) is checked
 
 
 def _gathered_grads(model) -> dict[str, torch.Tensor]:
@@ -35,7 +36,7 @@ def _worker(rank: int, world_size: int, hf_dir: str, layouts: list, batches: lis
 
     from megatron_vlmr1.vlm.export import export_hf_weights
 
-    out: dict = {"logits": {}, "grads": {}, "export": None}
+    out: dict = {"logits": {}, "grads": {}, "export": None, "trainer_logprobs": {}}
     for tp, pp in layouts:
         helpers.setup(tp, pp)
         model, family = helpers.build_loaded(hf_dir)
@@ -46,6 +47,9 @@ def _worker(rank: int, world_size: int, hf_dir: str, layouts: list, batches: lis
             if parallel_state.is_pipeline_last_stage():
                 logits.append((data[0], helpers.gather_vocab(data[0]) if tp > 1 else data[0]))
         out["logits"][(tp, pp)] = logits or None
+        if (tp, pp) in RAW_LAYOUTS:
+            with torch.no_grad():
+                out["trainer_logprobs"][(tp, pp)] = helpers.trainer_logprobs(model, batches[0], tp)
         if (tp, pp) == (2, 2):
             out["export"] = dict(export_hf_weights(model, family))
         parallel_state.destroy_model_parallel()
@@ -120,6 +124,23 @@ def runs(tiny_qwen2_5_vl, tiny_qwen2_vl, tmp_path_factory) -> dict:
             (str(heads4), [(4, 1)], _batches(refs["tp4"]), False)]
     per_rank = run_distributed(_all_models_worker, 4, jobs)
     return {name: (refs[name], [r[i] for r in per_rank]) for i, name in enumerate(("qwen2_5", "qwen2", "tp4"))}
+
+
+@pytest.mark.parametrize("tp,pp", RAW_LAYOUTS)
+def test_trainer_logprobs_from_raw_logits_match_transformers(runs, tp, pp):
+    # The LM head's [s, b, V/TP] output, padded vocabulary included (2048 columns for 1280 tokens), handed to the
+    # kernel as it is with vocab_end: the log-probs of log_softmax over HF's logits.
+    references, results = runs["qwen2_5"]
+    ref = references[0]
+    targets = helpers.next_token_targets(ref)
+    valid = targets != -100
+    want = torch.log_softmax(ref["logits"].double(), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    got = [r["trainer_logprobs"][(tp, pp)] for r in results if r["trainer_logprobs"][(tp, pp)] is not None]
+    assert len(got) == len(results) // pp
+    for logprobs in got:
+        assert logprobs.shape == targets.shape and torch.equal(logprobs[~valid], torch.zeros(int((~valid).sum())))
+        diff = (logprobs[valid].double() - want[valid]).abs().max().item()
+        assert diff <= 1e-4, f"TP={tp} PP={pp}: max abs log-prob diff {diff}"
 
 
 @pytest.mark.parametrize("tp,pp", LAYOUTS)

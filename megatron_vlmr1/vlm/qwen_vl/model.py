@@ -97,14 +97,30 @@ def padding_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return ~allowed[:, None, :, :]
 
 
+class _LanguageModel(GPTModel):
+    """megatron-core's ``GPTModel``, able to hand back its LM head's output as it is.
+
+    ``GPTModel`` returns ``logits.transpose(0, 1).contiguous()`` ([b, s, V/TP], a full-vocabulary copy, and two more
+    in backward) unless ``labels`` are given, in which case it calls ``compute_language_model_loss(labels, logits)``
+    with the output layer's [s, b, V/TP] tensor. The loss here is computed by the caller (the fused log-prob kernel
+    reads megatron's layout directly), so that hook returns the logits untouched; ``labels`` only selects the path.
+    """
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+
 class QwenVLModel(MegatronModule):
     """One pipeline stage of Qwen-VL: [vision tower + embeddings] -> decoder layers -> [final norm + LM head].
 
     ``forward(input_ids [b, s], position_ids [3, b, s], attention_mask [b, s], pixel_values [patches, C*T*P*P],
     image_grid_thw [images, 3])`` returns, on the last stage, logits [b, s, vocab_shard] where vocab_shard =
     padded_vocab / TP; columns beyond the real vocabulary are -inf (at TP=1 they are sliced off instead, so the
-    shape is exactly [b, s, vocab]). Other stages return hidden states [s, b, h] as ``GPTModel`` does, and take
-    their input through ``set_input_tensor``.
+    shape is exactly [b, s, vocab]). With ``raw_logits=True`` the last stage returns the LM head's output as it
+    is: [s, b, vocab_shard], padded columns included (a loss must skip ids >= ``vocab_size``, as
+    ``fused_logprob(..., vocab_end=model.vocab_size, seq_first=True)`` does) — no copy of vocabulary size is made.
+    Other stages return hidden states [s, b, h] as ``GPTModel`` does, and take their input through
+    ``set_input_tensor``.
     """
 
     def __init__(self, hf_config: Any, config: TransformerConfig, layout: QwenLayout, transformer_layer_spec: Any,
@@ -124,7 +140,8 @@ class QwenVLModel(MegatronModule):
         if pre_process:
             self.visual = vision_class(hf_config.model_type)._from_config(hf_config.vision_config,
                                                                            dtype=config.params_dtype)
-        self.language_model = GPTModel(
+        self.vocab_size = layout.vocab_size
+        self.language_model = _LanguageModel(
             config=config, transformer_layer_spec=transformer_layer_spec, vocab_size=layout.padded_vocab_size,
             max_sequence_length=text.max_position_embeddings, pre_process=pre_process, post_process=post_process,
             share_embeddings_and_output_weights=layout.tied, position_embedding_type="mrope",
@@ -153,22 +170,27 @@ class QwenVLModel(MegatronModule):
         return embeddings.transpose(0, 1).contiguous()
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-                pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+                pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
+                raw_logits: bool = False) -> torch.Tensor:
         decoder_input = self.embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
         output = self.language_model(input_ids=input_ids, position_ids=position_ids,
                                      attention_mask=padding_attention_mask(attention_mask),
-                                     decoder_input=decoder_input)
-        if not self.post_process:
+                                     decoder_input=decoder_input, labels=input_ids if raw_logits else None)
+        if not self.post_process or raw_logits:
             return output
         return self.mask_padded_vocab(output)
 
     def mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
-        """Padded vocabulary columns must not take part in any softmax: slice (TP=1) or -inf (TP>1)."""
+        """Padded vocabulary columns must not take part in any softmax: slice (TP=1) or -inf in place (TP>1).
+
+        Which columns are padding follows from the shapes alone (no host sync). The in-place fill is safe for
+        autograd: ``logits`` is GPTModel's fresh [b, s, V/TP] copy, which nothing has saved.
+        """
         if self.parallel_env.tp == 1:
-            return logits[..., :self.layout.vocab_size]
+            return logits[..., :self.vocab_size]
         shard = logits.shape[-1]
         start = self.parallel_env.tp_rank * shard
-        padded = torch.arange(start, start + shard, device=logits.device) >= self.layout.vocab_size
-        if not bool(padded.any()):
-            return logits
-        return logits.masked_fill(padded, float("-inf"))
+        first_padded = min(shard, max(0, self.vocab_size - start))
+        if first_padded < shard:
+            logits[..., first_padded:] = float("-inf")
+        return logits
