@@ -15,6 +15,7 @@ import torch
 from megatron_vlmr1.kernels import fused_logprob
 from megatron_vlmr1.trainer.config import ModelConfig, OptimConfig
 from megatron_vlmr1.trainer.distributed import ParallelEnv
+from megatron_vlmr1.trainer.packing import Packing
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -26,6 +27,10 @@ class MicroBatch:
     ``input_ids``/``attention_mask`` [b, s]; ``position_ids`` [3, b, s]; ``loss_mask`` [b, s-1] marks the tokens
     (shifted: column j is token j+1) that count in the loss; ``fields`` holds per-token tensors aligned with it
     ([b, s-1]: advantages, old/ref/rollout log-probs, ...).
+
+    Shared-prefix micro-batches (``packing`` set, see ``trainer/packing.py``) hold one packed row per group:
+    ``attention_mask`` is then the block mask [b, 1, s, s] (True = masked), and ``loss_mask``/``fields`` are in
+    the per-completion layout [rows, T] the loss reads; ``packing`` maps the packed columns onto it.
     """
 
     input_ids: torch.Tensor
@@ -35,12 +40,18 @@ class MicroBatch:
     pixel_values: torch.Tensor | None = None
     image_grid_thw: torch.Tensor | None = None
     fields: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    packing: Packing | None = None
 
     def to(self, device: torch.device) -> "MicroBatch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return MicroBatch(move(self.input_ids), move(self.attention_mask), move(self.position_ids),
                           move(self.loss_mask), move(self.pixel_values), move(self.image_grid_thw),
-                          {k: move(v) for k, v in self.fields.items()})
+                          {k: move(v) for k, v in self.fields.items()}, move(self.packing))
+
+    @property
+    def target_mask(self) -> torch.Tensor:
+        """[b, s-1]: the model-layout columns whose next token is scored."""
+        return self.loss_mask if self.packing is None else self.packing.target_mask
 
 
 # (micro_batch, logprobs [b, s-1], entropy [b, s-1]) -> (loss [], metrics). The loss goes to megatron's schedule
@@ -50,7 +61,7 @@ TokenLoss = Callable[[MicroBatch, torch.Tensor, torch.Tensor], tuple[torch.Tenso
 
 def shifted_targets(batch: MicroBatch, ignore_index: int = -100) -> torch.Tensor:
     """Token j+1 is predicted at column j; tokens outside the loss mask are ignored. [b, s] -> [b, s-1]."""
-    return batch.input_ids[:, 1:].masked_fill(~batch.loss_mask.bool(), ignore_index)
+    return batch.input_ids[:, 1:].masked_fill(~batch.target_mask.bool(), ignore_index)
 
 
 def token_logprobs(logits: torch.Tensor, batch: MicroBatch,
@@ -58,6 +69,18 @@ def token_logprobs(logits: torch.Tensor, batch: MicroBatch,
     """Logits [b, s, vocab_shard] (this TP rank's vocabulary shard) → per-token log-probs and entropies [b, s-1]
     of the next tokens (the fused vocab-parallel kernel; 0 outside the loss mask)."""
     return fused_logprob(logits[:, :-1], shifted_targets(batch), tp_group=tp_group, return_entropy=True)
+
+
+def per_completion(token_loss: TokenLoss) -> TokenLoss:
+    """The loss of a shared-prefix micro-batch sees its log-probs in the per-completion layout [rows, T]."""
+
+    def loss(batch: MicroBatch, logprobs: torch.Tensor, entropy: torch.Tensor):
+        if batch.packing is None:
+            return token_loss(batch, logprobs, entropy)
+        return token_loss(batch, batch.packing.rows(logprobs, batch.loss_mask),
+                          batch.packing.rows(entropy, batch.loss_mask))
+
+    return loss
 
 
 class ScoringModel:
@@ -94,6 +117,7 @@ class ScoringModel:
         if any(mb.input_ids.shape != (micro_batch_size, seq_length) for mb in micro_batches):
             raise AssertionError("micro-batches must share one [b, s] shape for the pipeline schedule")
         num_micro_batches = len(micro_batches)
+        token_loss = per_completion(token_loss)
 
         def loss_func(batch: MicroBatch, logits: torch.Tensor):
             logprobs, entropy = token_logprobs(logits, batch, tp_group)
