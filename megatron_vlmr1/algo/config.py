@@ -53,6 +53,9 @@ class AlgoConfig:
     """drop groups whose rewards are all equal (they carry no gradient) and sample more prompts (DAPO)."""
     dynamic_sampling_max_rounds: int = 4
     """with dynamic_sampling, the most generation rounds spent filling one batch before training on what there is."""
+    shared_prefix: bool = False
+    """training forward (update, old and reference log-probs) packs each group into one row: the prompt and its
+    images are computed once per group, not once per completion (same log-probs and gradients)."""
 
     def __post_init__(self) -> None:
         self._check_ranges()

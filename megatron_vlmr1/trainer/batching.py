@@ -1,8 +1,10 @@
 """Rollouts → fixed-shape micro-batches for the pipeline schedule.
 
-Every row is self-contained (prompt + one completion + that prompt's images), so rows can be split into
-micro-batches freely. All micro-batches of a step are right-padded to one sequence length (the pipeline sends
-tensors of a fixed shape); a short last micro-batch is filled with copies of a row whose loss mask is empty.
+Per-row (``make_micro_batches``): every row is self-contained (prompt + one completion + that prompt's images), so
+rows can be split into micro-batches freely. Shared-prefix (``make_shared_prefix_micro_batches``): one packed row
+per group (``trainer/packing.py``). All micro-batches of a step are right-padded to one sequence length (the
+pipeline sends tensors of a fixed shape); a short last micro-batch is filled with copies of a row whose loss mask
+is empty.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
+from megatron_vlmr1.trainer.packing import PAD_SEGMENT, Packing, pack_group, shared_prefix_attention_mask
 from megatron_vlmr1.trainer.policy import MicroBatch
 
 
@@ -83,5 +86,85 @@ def make_micro_batches(family: Any, processor: Any, hf_config: Any, prompts: Seq
             pixel_values=batch.pixel_values,
             image_grid_thw=batch.image_grid_thw,
             fields=fields,
+        ))
+    return micro_batches
+
+
+def make_shared_prefix_micro_batches(family: Any, processor: Any, hf_config: Any, prompts: Sequence[Any],
+                                     completions: Sequence[Sequence[Sequence[int]]], groups_per_micro_batch: int,
+                                     row_scalars: dict[str, torch.Tensor] | None = None,
+                                     row_token_values: dict[str, Sequence[Sequence[float]]] | None = None,
+                                     pad_to_multiple: int = 8) -> list[MicroBatch]:
+    """Groups (``prompts[g]`` with its completions ``completions[g]``) -> packed micro-batches of
+    ``groups_per_micro_batch`` rows each.
+
+    Completion rows are numbered group-major (row ``r`` = completion ``r % G`` of group ``r // G``, the order of
+    ``row_scalars`` [rows] and ``row_token_values``). Packed rows are right-padded to the step's longest (the
+    pipeline sends one shape); a short last micro-batch is filled with a copy of a group whose loss mask is empty.
+    ``loss_mask`` and ``fields`` of each micro-batch are in the per-completion layout [rows, T].
+    """
+    if len(prompts) != len(completions) or not prompts:
+        raise ValueError(f"need one completion list per prompt, got {len(prompts)} prompts, {len(completions)}")
+    if groups_per_micro_batch < 1:
+        raise ValueError(f"groups_per_micro_batch must be >= 1, got {groups_per_micro_batch}")
+    row_scalars = row_scalars or {}
+    row_token_values = row_token_values or {}
+    pad_id = family.pad_token_id(processor)
+    packed, first_row = [], []
+    row = 0
+    for prompt, group in zip(prompts, completions):
+        batch = family.training_batch(processor, hf_config, [prompt] * len(group), list(group))
+        packed.append(pack_group(batch.input_ids, batch.position_ids, len(prompt.input_ids), [len(c) for c in group]))
+        first_row.append(row)
+        row += len(group)
+    groups = list(range(len(prompts)))
+    chunks = [groups[i:i + groups_per_micro_batch] for i in range(0, len(groups), groups_per_micro_batch)]
+    if len(chunks[-1]) < groups_per_micro_batch:
+        chunks[-1] = chunks[-1] + [-1] * (groups_per_micro_batch - len(chunks[-1]))  # -1: filler, loss masked out
+    longest = max(len(p.input_ids) for p in packed)
+    seq_len = -(-longest // pad_to_multiple) * pad_to_multiple
+    micro_batches = []
+    for chunk in chunks:
+        real = [g if g >= 0 else chunk[0] for g in chunk]
+        b = len(chunk)
+        input_ids = torch.full((b, seq_len), pad_id, dtype=torch.long)
+        position_ids = torch.zeros(3, b, seq_len, dtype=torch.long)
+        segments = torch.full((b, seq_len), PAD_SEGMENT, dtype=torch.long)
+        target_mask = torch.zeros(b, seq_len - 1, dtype=torch.long)
+        rows = [(slot, g, k) for slot, g in enumerate(real) for k in range(len(completions[g]))]
+        width = max(1, max(len(completions[g][k]) for _, g, k in rows))
+        columns = torch.zeros(len(rows), width, dtype=torch.long)
+        loss_mask = torch.zeros(len(rows), width, dtype=torch.long)
+        row_of = torch.tensor([slot for slot, _, _ in rows], dtype=torch.long)
+        for slot, g in enumerate(real):
+            group = packed[g]
+            length = len(group.input_ids)
+            input_ids[slot, :length] = group.input_ids
+            position_ids[:, slot, :length] = group.position_ids
+            segments[slot, :length] = group.segments
+            if chunk[slot] >= 0:
+                for cols in group.target_columns:
+                    target_mask[slot, cols] = 1
+        for index, (slot, g, k) in enumerate(rows):
+            cols = packed[g].target_columns[k]
+            columns[index, :len(cols)] = cols
+            if chunk[slot] >= 0:
+                loss_mask[index, :len(cols)] = 1
+        global_rows = torch.tensor([first_row[g] + k for _, g, k in rows], dtype=torch.long)
+        fields = {name: values[global_rows].to(torch.float32)[:, None] * loss_mask
+                  for name, values in row_scalars.items()}
+        for name, values in row_token_values.items():
+            table = torch.zeros(len(rows), width, dtype=torch.float32)
+            for index, global_row in enumerate(global_rows.tolist()):
+                row_values = list(values[global_row])
+                table[index, :len(row_values)] = torch.tensor(row_values, dtype=torch.float32)
+            fields[name] = table * loss_mask
+        pixels = [prompts[g].pixel_values for g in real if prompts[g].pixel_values is not None]
+        grids = [prompts[g].image_grid_thw for g in real if prompts[g].image_grid_thw is not None]
+        micro_batches.append(MicroBatch(
+            input_ids=input_ids, attention_mask=shared_prefix_attention_mask(segments), position_ids=position_ids,
+            loss_mask=loss_mask, pixel_values=torch.cat(pixels) if pixels else None,
+            image_grid_thw=torch.cat(grids) if grids else None, fields=fields,
+            packing=Packing(target_mask, row_of, columns),
         ))
     return micro_batches

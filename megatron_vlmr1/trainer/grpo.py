@@ -173,16 +173,20 @@ class GRPOTrainer(TrainingSession):
 
     # -- helpers -----------------------------------------------------------------------------------------------
     def build_micro_batches(self, batch: RolloutBatch, advantages: torch.Tensor) -> list[MicroBatch]:
-        """One row per completion: the engine's encoded prompt (not encoded again) + the completion, with its
-        advantage [rows] and the engine's per-token log-probs."""
-        from megatron_vlmr1.trainer.batching import make_micro_batches
+        """The engine's encoded prompts (not encoded again) + completions, with each completion's advantage [rows]
+        and the engine's per-token log-probs: one row per completion, or with ``algo.shared_prefix`` one packed row
+        per group (``micro_batch_size`` completions' worth of groups per micro-batch, at least one)."""
+        from megatron_vlmr1.trainer.batching import make_micro_batches, make_shared_prefix_micro_batches
 
-        prompts, completions, rollout_logprobs = [], [], []
-        for result in batch.results:
-            for completion in result.completions:
-                prompts.append(result.prompt)
-                completions.append(completion.completion_ids)
-                rollout_logprobs.append(completion.logprobs)
+        rollout_logprobs = [c.logprobs for result in batch.results for c in result.completions]
+        if self.algo.shared_prefix:
+            groups_per_micro_batch = max(1, self.cfg.train.micro_batch_size // self.algo.group_size)
+            return make_shared_prefix_micro_batches(
+                self.family, self.processor, self.hf_config, [r.prompt for r in batch.results],
+                [[c.completion_ids for c in r.completions] for r in batch.results], groups_per_micro_batch,
+                row_scalars={"advantages": advantages}, row_token_values={"rollout_logprobs": rollout_logprobs})
+        prompts = [result.prompt for result in batch.results for _ in result.completions]
+        completions = [c.completion_ids for result in batch.results for c in result.completions]
         return make_micro_batches(self.family, self.processor, self.hf_config, prompts, completions,
                                   self.cfg.train.micro_batch_size, row_scalars={"advantages": advantages},
                                   row_token_values={"rollout_logprobs": rollout_logprobs})

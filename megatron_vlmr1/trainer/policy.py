@@ -15,6 +15,7 @@ import torch
 from megatron_vlmr1.kernels import fused_logprob
 from megatron_vlmr1.trainer.config import ModelConfig, OptimConfig
 from megatron_vlmr1.parallel import ParallelEnv
+from megatron_vlmr1.trainer.packing import Packing
 from megatron_vlmr1.vlm.base import VLMFamily
 
 if TYPE_CHECKING:
@@ -30,6 +31,10 @@ class MicroBatch:
     ``input_ids``/``attention_mask`` [b, s]; ``position_ids`` [3, b, s]; ``loss_mask`` [b, s-1] marks the tokens
     (shifted: column j is token j+1) that count in the loss; ``fields`` holds per-token tensors aligned with it
     ([b, s-1]: advantages, old/ref/rollout log-probs, ...).
+
+    Shared-prefix micro-batches (``packing`` set, see ``trainer/packing.py``) hold one packed row per group:
+    ``attention_mask`` is then the block mask [b, 1, s, s] (True = masked), and ``loss_mask``/``fields`` are in
+    the per-completion layout [rows, T] the loss reads; ``packing`` maps the packed columns onto it.
     """
 
     input_ids: torch.Tensor
@@ -39,12 +44,18 @@ class MicroBatch:
     pixel_values: torch.Tensor | None = None
     image_grid_thw: torch.Tensor | None = None
     fields: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    packing: Packing | None = None
 
     def to(self, device: torch.device) -> "MicroBatch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return MicroBatch(move(self.input_ids), move(self.attention_mask), move(self.position_ids),
                           move(self.loss_mask), move(self.pixel_values), move(self.image_grid_thw),
-                          {k: move(v) for k, v in self.fields.items()})
+                          {k: move(v) for k, v in self.fields.items()}, move(self.packing))
+
+    @property
+    def target_mask(self) -> torch.Tensor:
+        """[b, s-1]: the model-layout columns whose next token is scored."""
+        return self.loss_mask if self.packing is None else self.packing.target_mask
 
 
 # (micro_batch, logprobs [b, s-1], entropy [b, s-1]) -> (loss [], metrics). The loss goes to megatron's schedule
@@ -59,7 +70,7 @@ def shifted_targets(batch: MicroBatch, ignore_index: int = -100) -> torch.Tensor
     as they are (no ``[:, :-1]`` slice, which would cost a copy forward and a zero-filled gradient backward).
     """
     targets = torch.full_like(batch.input_ids, ignore_index)
-    targets[:, :-1] = batch.input_ids[:, 1:].masked_fill(~batch.loss_mask.bool(), ignore_index)
+    targets[:, :-1] = batch.input_ids[:, 1:].masked_fill(~batch.target_mask.bool(), ignore_index)
     return targets
 
 
@@ -76,6 +87,18 @@ def token_logprobs(logits: torch.Tensor, batch: MicroBatch, tp_group: torch.dist
     logprobs, entropy = fused_logprob(logits, shifted_targets(batch), tp_group=tp_group, return_entropy=True,
                                       vocab_end=vocab_end, seq_first=True, inplace_backward=True)
     return logprobs[:, :-1].contiguous(), entropy[:, :-1].contiguous()
+
+
+def per_completion(token_loss: TokenLoss) -> TokenLoss:
+    """The loss of a shared-prefix micro-batch sees its log-probs in the per-completion layout [rows, T]."""
+
+    def loss(batch: MicroBatch, logprobs: torch.Tensor, entropy: torch.Tensor):
+        if batch.packing is None:
+            return token_loss(batch, logprobs, entropy)
+        return token_loss(batch, batch.packing.rows(logprobs, batch.loss_mask),
+                          batch.packing.rows(entropy, batch.loss_mask))
+
+    return loss
 
 
 class ScoringModel:
@@ -114,6 +137,7 @@ class ScoringModel:
         if any(mb.input_ids.shape != (micro_batch_size, seq_length) for mb in micro_batches):
             raise AssertionError("micro-batches must share one [b, s] shape for the pipeline schedule")
         num_micro_batches = len(micro_batches)
+        token_loss = per_completion(token_loss)
 
         def loss_func(batch: MicroBatch, logits: torch.Tensor):
             logprobs, entropy = token_logprobs(logits, batch, tp_group, self.vocab_size)

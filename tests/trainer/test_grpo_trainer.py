@@ -73,3 +73,21 @@ def test_resized_size_follows_the_target_image():
     assert resized_size(SimpleNamespace(extra={}), result) == [224, 112]          # (w, h) of image 0
     assert resized_size(SimpleNamespace(extra={"target_image": 1}), result) == [56, 56]
     assert resized_size(SimpleNamespace(extra={}), SimpleNamespace(images=[])) is None
+
+
+@pytest.mark.slow
+def test_shared_prefix_grpo_matches_per_row(tiny_qwen2_5_vl, rec_data, tmp_path):
+    """Three GRPO steps (old + reference log-probs, two micro-batches) give the same losses and grad norms
+    (frozen vision and LoRA are covered by tests/trainer/test_shared_prefix_parity.py)."""
+    runs = {}
+    for shared in (False, True):
+        runs[shared] = run(_grpo(), grpo_config(
+            tiny_qwen2_5_vl, rec_data, tmp_path / str(shared), 
+            algo={"group_size": 4, "beta": 0.04, "mu": 2, "shared_prefix": shared},
+            train={"output_dir": str(tmp_path / str(shared)), "steps": 3, "prompts_per_step": 2,
+                   "micro_batch_size": 4, "tensorboard": False, "progress_bar": False}))
+    assert len(runs[False]) == len(runs[True]) == 3
+    for per_row, shared in zip(runs[False], runs[True]):
+        assert shared["rollout_tokens"] == per_row["rollout_tokens"]
+        for key in ("pg_loss", "kl", "grad_norm", "entropy", "ratio_mean", "rollout_logprob_gap"):
+            assert shared[key] == pytest.approx(per_row[key], rel=1e-5, abs=1e-7), key

@@ -114,7 +114,8 @@ class QwenVLModel(MegatronModule):
     """One pipeline stage of Qwen-VL: [vision tower + embeddings] -> decoder layers -> [final norm + LM head].
 
     ``forward(input_ids [b, s], position_ids [3, b, s], attention_mask [b, s], pixel_values [patches, C*T*P*P],
-    image_grid_thw [images, 3])`` returns, on the last stage, logits [b, s, vocab_shard] where vocab_shard =
+    image_grid_thw [images, 3])`` (``attention_mask`` may also be a ready [b, 1, s, s] bool mask, True = masked:
+    shared-prefix packing's block mask) returns, on the last stage, logits [b, s, vocab_shard] where vocab_shard =
     padded_vocab / TP; columns beyond the real vocabulary are -inf (at TP=1 they are sliced off instead, so the
     shape is exactly [b, s, vocab]). With ``raw_logits=True`` the last stage returns the LM head's output as it
     is: [s, b, vocab_shard], padded columns included (a loss must skip ids >= ``vocab_size``, as
@@ -173,8 +174,9 @@ class QwenVLModel(MegatronModule):
                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
                 raw_logits: bool = False) -> torch.Tensor:
         decoder_input = self.embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
-        output = self.language_model(input_ids=input_ids, position_ids=position_ids,
-                                     attention_mask=padding_attention_mask(attention_mask),
+        if attention_mask.dim() == 2:
+            attention_mask = padding_attention_mask(attention_mask)
+        output = self.language_model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                      decoder_input=decoder_input, labels=input_ids if raw_logits else None)
         if not self.post_process or raw_logits:
             return output

@@ -1,0 +1,56 @@
+"""Shared-prefix packing against hand-computed rows, positions, masks and targets."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_vlmr1.trainer.packing import Packing, pack_group, shared_prefix_attention_mask
+
+
+def _group():
+    # prompt [10, 11, 12] (P = 3) with positions 0,1,5 on all axes except the middle one (an "image" jump);
+    # completions [20, 21] and [30]; rows right-padded with 0 to 5 columns
+    input_ids = torch.tensor([[10, 11, 12, 20, 21], [10, 11, 12, 30, 0]])
+    positions = torch.tensor([[0, 1, 5, 6, 7], [0, 1, 5, 6, 0]])
+    position_ids = torch.stack([positions, positions + 100 * torch.tensor([[0, 1, 0, 0, 0]]), positions])
+    return input_ids, position_ids
+
+
+def test_pack_group_layout_positions_and_targets():
+    input_ids, position_ids = _group()
+    packed = pack_group(input_ids, position_ids, prompt_length=3, completion_lengths=[2, 1])
+    # [prompt[:-1]; (p_last, c_1); (p_last, c_2)]
+    assert packed.input_ids.tolist() == [10, 11, 12, 20, 21, 12, 30]
+    assert packed.position_ids[0].tolist() == [0, 1, 5, 6, 7, 5, 6]
+    assert packed.position_ids[1].tolist() == [0, 101, 5, 6, 7, 5, 6]
+    assert packed.segments.tolist() == [0, 0, 1, 1, 1, 2, 2]
+    # column 2 (p_last of segment 1) predicts 20, column 3 predicts 21; column 5 (p_last of segment 2) predicts 30
+    assert [c.tolist() for c in packed.target_columns] == [[2, 3], [5]]
+
+
+def test_pack_group_rejects_rows_with_different_prompts():
+    input_ids, position_ids = _group()
+    input_ids[1, 0] = 99
+    with pytest.raises(ValueError, match="share one prompt"):
+        pack_group(input_ids, position_ids, prompt_length=3, completion_lengths=[2, 1])
+
+
+def test_shared_prefix_attention_mask():
+    segments = torch.tensor([[0, 0, 1, 1, 2, -1]])
+    allowed = (~shared_prefix_attention_mask(segments))[0, 0].int().tolist()
+    assert allowed == [
+        [1, 0, 0, 0, 0, 0],  # prompt: causal
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],  # segment 1: prompt + itself, causal
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 0, 0, 1, 0],  # segment 2: prompt + itself, never segment 1
+        [0, 0, 0, 0, 0, 0],  # padding query: nothing
+    ]
+
+
+def test_packing_rows_maps_columns_back_to_completions():
+    values = torch.arange(14, dtype=torch.float32).reshape(2, 7)
+    packing = Packing(target_mask=torch.zeros(2, 7), row_of=torch.tensor([0, 0, 1]),
+                      columns=torch.tensor([[2, 3], [5, 0], [1, 4]]))
+    loss_mask = torch.tensor([[1, 1], [1, 0], [1, 1]])
+    assert packing.rows(values, loss_mask).tolist() == [[2.0, 3.0], [5.0, 0.0], [8.0, 11.0]]
