@@ -53,6 +53,7 @@ def _build_engine(engine: str, model: str, args: argparse.Namespace):
     from megatron_vlmr1.rollout.config import RolloutConfig, build_engine
 
     cfg = RolloutConfig(engine=engine, max_model_len=args.max_model_len, max_batch_size=args.prompts * args.group,
+                        max_num_seqs=args.prompts * args.group,
                         sync_bucket_mb=args.sync_bucket_mb)
     return build_engine(cfg, model)
 

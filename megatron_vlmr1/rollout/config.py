@@ -14,8 +14,9 @@ from megatron_vlmr1.rollout.base import RolloutEngine, SamplingConfig
 class RolloutConfig:
     """``engine``: ``hf`` (transformers, in the training process) or ``vllm`` (in-process vLLM, hybrid engine).
 
-    ``sampling.n`` is set from ``algo.group_size`` by the trainer; ``sampling.seed`` is the base of a per-step,
-    per-prompt seed, so a resumed run samples exactly what an uninterrupted one would.
+    ``sampling.n`` is set from ``algo.group_size`` by the trainer, which also gives every prompt its own seed from
+    (``train.seed``, step, round, prompt index) in place of ``sampling.seed`` (``placement.prompt_seed``), so a resumed
+    run samples exactly what an uninterrupted one would.
 
     Placement (both engines): the job's ranks form ``world / tp`` rollout replicas of ``tp`` consecutive ranks, and a
     step's prompts are split over them, each generated once (``rollout.placement``). ``tp`` is vLLM's

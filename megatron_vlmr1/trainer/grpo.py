@@ -159,7 +159,7 @@ class GRPOTrainer(TrainingSession):
         metrics["sync_bytes_moved_gib"] = self.all_reduce_max(traffic.received_bytes) / 2**30
         samples, results, total, per_reward = self.collect(step, metrics)
         freed = self.engine.sleep()  # vLLM on CUDA with rollout.vllm_sleep: the trainer gets its memory until the sync
-        if self.cfg.rollout.vllm_sleep:
+        if self.cfg.rollout.engine == "vllm" and self.cfg.rollout.vllm_sleep:
             metrics["rollout_sleep_freed_gib"] = freed / 2**30
         self.log_rollout_metrics(metrics, per_reward, results)
         if any_rank(not samples):  # collective: a replica without data must not leave the others waiting in DDP
