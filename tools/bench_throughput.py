@@ -12,6 +12,16 @@ per prompt). Each engine runs in its own subprocess (vLLM pins CPU threads and k
   sync; vLLM reloads it ``--sync-bucket-mb`` at a time), per GiB streamed; the best of ``--repeats``.
 
 The tiny model measures engine overhead, not kernels: use ``--model`` for representative numbers.
+
+    python tools/bench_throughput.py --tp 2 [--world 2] [--prompts 8] [--group 4] [--max-new-tokens 64] [--repeats 3]
+
+``--tp N`` measures the hybrid engine's rollout phase inside a torchrun world of ``--world`` ranks (default N; the
+tool launches them itself, gloo on CPU), all ranks training on every prompt (one data-parallel replica, as trainer
+TP x PP): ``duplicated`` is the old placement (every rank runs its own vLLM and generates all the step's prompts);
+``split`` is vLLM at ``tensor_parallel_size`` N with the step's prompts split over the ``world / N`` rollout replicas
+(each generated once) and the results sent to every rank (``rollout.exchange.RolloutRouter``). Reported: the rollout
+phase's wall time per step (slowest rank, from a barrier to a barrier, exchange included), the best of
+``--repeats``, and the prompts generated in the whole job per step.
 """
 from __future__ import annotations
 
@@ -26,6 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 ENGINES = ("hf", "vllm")
+PLACEMENTS = ("duplicated", "split")
 
 
 def _requests(data_file: str, prompts: int) -> list:
@@ -42,6 +53,7 @@ def _build_engine(engine: str, model: str, args: argparse.Namespace):
     from megatron_vlmr1.rollout.config import RolloutConfig, build_engine
 
     cfg = RolloutConfig(engine=engine, max_model_len=args.max_model_len, max_batch_size=args.prompts * args.group,
+                        max_num_seqs=args.prompts * args.group,
                         sync_bucket_mb=args.sync_bucket_mb)
     return build_engine(cfg, model)
 
@@ -94,6 +106,73 @@ def _run_worker(engine: str, model: str, data_file: str, args: argparse.Namespac
     return json.loads(out.read_text())
 
 
+def measure_placement(placement: str, model: str, data_file: str, args: argparse.Namespace) -> dict | None:
+    """One torchrun rank of ``--tp`` mode: time the rollout phase under ``placement``; rank 0 returns the row."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron_vlmr1.rollout.base import SamplingConfig
+    from megatron_vlmr1.rollout.config import RolloutConfig, build_engine
+    from megatron_vlmr1.rollout.exchange import RolloutRouter
+    from megatron_vlmr1.rollout.placement import RankCoord, prompt_seed
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    rollout_tp = 1 if placement == "duplicated" else args.tp
+    cfg = RolloutConfig(engine="vllm", max_model_len=args.max_model_len, max_num_seqs=args.prompts * args.group,
+                        sync_bucket_mb=args.sync_bucket_mb)
+    engine = build_engine(cfg, model, tp=rollout_tp, world_size=world)
+    # one data-parallel replica (every rank trains on every prompt), ranks laid out as trainer TP x PP
+    router = RolloutRouter(RankCoord(0, rank // args.tp, rank % args.tp), rollout_tp, None, 1, torch.device("cpu"))
+    requests = _requests(data_file, args.prompts)
+    sampling = SamplingConfig(n=args.group, temperature=1.0, max_new_tokens=args.max_new_tokens)
+    engine.generate(requests[:1], SamplingConfig(n=1, temperature=1.0, max_new_tokens=4, seed=0))  # warm-up
+    best, generated = None, 0
+    for step in range(args.repeats):
+        def generate(chunk, indices):
+            return engine.generate(chunk, sampling, seeds=[prompt_seed(0, step, 0, i) for i in indices])
+
+        dist.barrier()
+        start = time.perf_counter()
+        if placement == "duplicated":
+            results = generate(requests, list(range(len(requests))))
+            generated = len(requests) * world
+        else:
+            results = router.run_round(requests, generate)
+            generated = router.last_plan.total
+        dist.barrier()
+        seconds = time.perf_counter() - start
+        assert len(results) == len(requests)
+        best = seconds if best is None else min(best, seconds)
+    engine.close()
+    if rank != 0:
+        return None
+    return {"placement": placement, "world": world, "rollout_tp": rollout_tp, "replicas": world // rollout_tp,
+            "prompts_generated": generated, "rollout_s": best}
+
+
+def _run_placement(placement: str, model: str, data_file: str, args: argparse.Namespace, out: Path) -> dict:
+    options = {"--tp": args.tp, "--world": args.world, "--prompts": args.prompts, "--group": args.group,
+               "--max-new-tokens": args.max_new_tokens, "--max-model-len": args.max_model_len,
+               "--sync-bucket-mb": args.sync_bucket_mb, "--repeats": args.repeats, "--model": model,
+               "--data": data_file, "--placement-worker": placement, "--worker-out": out}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.world), __file__,
+               *(str(x) for item in options.items() for x in item)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{placement} ranks failed:\n{result.stderr[-4000:]}")
+    return json.loads(out.read_text())
+
+
+def format_placement_table(rows: list[dict]) -> str:
+    header = ("placement", "world", "rollout tp", "replicas", "prompts generated / step", "rollout s / step")
+    lines = [" | ".join(header), " | ".join("---" for _ in header)]
+    for r in rows:
+        lines.append(f"{r['placement']} | {r['world']} | {r['rollout_tp']} | {r['replicas']} | "
+                     f"{r['prompts_generated']} | {r['rollout_s']:.2f}")
+    return "\n".join(lines)
+
+
 def format_table(rows: list[dict]) -> str:
     header = ("engine", "load s", "tokens", "rollout s", "tokens/s", "sync GiB", "sync s", "sync s/GiB")
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
@@ -117,12 +196,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2,
                         help="torch threads of the transformers engine (vLLM's CPU backend binds its own)")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--tp", type=int, help="measure the rollout placement at vLLM TP=N in its own torchrun ranks")
+    parser.add_argument("--world", type=int, help="ranks of the --tp mode (default: --tp)")
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    parser.add_argument("--placement-worker", choices=PLACEMENTS, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for key in ("prompts", "group", "max_new_tokens", "repeats", "threads"):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1")
+    if args.tp is not None:
+        args.world = args.world or args.tp
+        if args.tp < 1 or args.world % args.tp:
+            parser.error(f"--tp {args.tp} must be >= 1 and divide --world {args.world}")
     return args
 
 
@@ -132,20 +218,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.worker:
         Path(args.worker_out).write_text(json.dumps(measure(args.worker, args.model, args.data, args)))
         return []
+    if args.placement_worker:
+        row = measure_placement(args.placement_worker, args.model, args.data, args)
+        if row is not None:
+            Path(args.worker_out).write_text(json.dumps(row))
+        return []
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
             from tools.make_tiny_model import make_tiny_model
 
-            model = str(make_tiny_model("qwen2_5_vl", Path(tmp) / "model", seed=0))
+            # --tp: 2 KV heads, so vLLM TP=2 gives each rank its own
+            heads = {"num_kv_heads": 2} if args.tp else {}
+            model = str(make_tiny_model("qwen2_5_vl", Path(tmp) / "model", seed=0, **heads))
         data_file = args.data
         if data_file is None:
             from megatron_vlmr1.data.synthetic import make_rec_dataset
 
             data_file = str(make_rec_dataset(Path(tmp) / "data", max(args.prompts, 8), seed=0)["train"])
-        rows = [_run_worker(engine, model, data_file, args, Path(tmp) / f"{engine}.json")
-                for engine in args.engine]
-    print(format_table(rows))
+        if args.tp is not None:
+            rows = [_run_placement(p, model, data_file, args, Path(tmp) / f"{p}.json") for p in PLACEMENTS]
+        else:
+            rows = [_run_worker(engine, model, data_file, args, Path(tmp) / f"{engine}.json")
+                    for engine in args.engine]
+    print(format_placement_table(rows) if args.tp is not None else format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return rows

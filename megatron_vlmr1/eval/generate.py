@@ -71,7 +71,7 @@ def build_eval_engine(model: EvalModelConfig, batch_size: int, max_images_per_pr
     from megatron_vlmr1.rollout.config import RolloutConfig, build_engine
 
     rollout = RolloutConfig(engine=model.engine, max_model_len=model.max_model_len, max_batch_size=batch_size,
-                            max_images_per_prompt=max(max_images_per_prompt, 1), kv_cache_gb=model.kv_cache_gb,
+                            max_num_seqs=batch_size, max_images_per_prompt=max(max_images_per_prompt, 1), kv_cache_gb=model.kv_cache_gb,
                             gpu_memory_utilization=model.gpu_memory_utilization)
     # vLLM places itself
     device = resolve_device(model.device, key="eval: 'model.device'") if model.engine == "hf" else "cpu"

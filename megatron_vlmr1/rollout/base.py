@@ -182,8 +182,14 @@ class RolloutEngine(abc.ABC):
     family: VLMFamily
 
     @abc.abstractmethod
-    def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig) -> list[RolloutResult]:
-        """One result per request, in order, each with ``sampling.n`` completions."""
+    def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig,
+                 seeds: Sequence[int] | None = None) -> list[RolloutResult]:
+        """One result per request, in order, each with ``sampling.n`` completions.
+
+        ``seeds`` (one per request) replaces ``sampling.seed``: each request then samples from its own generator, so
+        its completions do not depend on which other requests share the call (how the trainer keeps rollouts
+        independent of how a step's prompts are split over rollout replicas).
+        """
 
     @abc.abstractmethod
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:

@@ -52,10 +52,12 @@ def filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(remove, float("-inf"))
 
 
-def sample_tokens(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator,
+def sample_tokens(logits: torch.Tensor, sampling: SamplingConfig,
+                  generator: torch.Generator | Sequence[torch.Generator],
                   banned_ids: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row from raw ``logits`` [batch, vocab]; return tokens [batch] and raw log-probs [batch].
 
+    ``generator`` is one generator for the batch, or one per row (each row then draws from its own, in row order).
     ``banned_ids`` are never drawn (image placeholders: a completion holding one would not be a valid model input);
     the recorded log-probs still come from the untouched logits, as ``base`` defines them.
     """
@@ -68,7 +70,12 @@ def sample_tokens(logits: torch.Tensor, sampling: SamplingConfig, generator: tor
         tokens = drawable.argmax(dim=-1)
     else:
         scaled = filter_top_p(filter_top_k(drawable / sampling.temperature, sampling.top_k), sampling.top_p)
-        tokens = torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=generator).squeeze(-1)
+        probs = torch.softmax(scaled, dim=-1)
+        if isinstance(generator, torch.Generator):
+            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        else:
+            tokens = torch.cat([torch.multinomial(probs[row:row + 1], 1, generator=g).view(1)
+                                for row, g in enumerate(generator)])
     return tokens, raw_logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
@@ -135,23 +142,36 @@ class HFRolloutEngine(RolloutEngine):
         """The sampling generator, on the model's device (``torch.multinomial`` needs them to agree)."""
         return torch.Generator(device=self.device).manual_seed(seed if seed is not None else torch.seed())
 
-    def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig) -> list[RolloutResult]:
+    def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig,
+                 seeds: Sequence[int] | None = None) -> list[RolloutResult]:
         sampling.validate()
+        if seeds is not None and len(seeds) != len(requests):
+            raise ValueError(f"generate: {len(seeds)} seeds for {len(requests)} requests")
         prompts = [encode_request(self.family, self.processor, index, request)
                    for index, request in enumerate(requests)]
         for index, prompt in enumerate(prompts):
             self.check_prompt_length(index, len(prompt.input_ids))
-        generator = self.make_generator(sampling.seed)
         rows = [prompt for prompt in prompts for _ in range(sampling.n)]
         completions: list[Completion] = []
-        for start in range(0, len(rows), self.max_batch_size):
-            completions.extend(self._generate_rows(rows[start:start + self.max_batch_size], sampling, generator))
+        if seeds is None:
+            generator = self.make_generator(sampling.seed)
+            for start in range(0, len(rows), self.max_batch_size):
+                completions.extend(self._generate_rows(rows[start:start + self.max_batch_size], sampling, generator))
+        else:
+            # A request's rows never straddle two forward batches and draw from the request's own generator, so
+            # its samples are the same whatever requests share the call.
+            per_batch = max(1, self.max_batch_size // sampling.n)
+            for first in range(0, len(prompts), per_batch):
+                generators = [self.make_generator(seed) for seed in seeds[first:first + per_batch]]
+                batch_rows = rows[first * sampling.n:(first + len(generators)) * sampling.n]
+                row_generators = [g for g in generators for _ in range(sampling.n)]
+                completions.extend(self._generate_rows(batch_rows, sampling, row_generators))
         return [RolloutResult(prompt, completions[i * sampling.n:(i + 1) * sampling.n])
                 for i, prompt in enumerate(prompts)]
 
     @torch.no_grad()
     def _generate_rows(self, rows: list[EncodedPrompt], sampling: SamplingConfig,
-                       generator: torch.Generator) -> list[Completion]:
+                       generator: torch.Generator | Sequence[torch.Generator]) -> list[Completion]:
         batch = self.family.collate_prompts(self.processor, self.model.config, rows)
         device = self.device
         attention_mask = batch.attention_mask.to(device)

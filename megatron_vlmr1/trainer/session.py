@@ -64,10 +64,6 @@ class TrainingSession(abc.ABC):
     def _on_sigterm(self, signum, frame) -> None:
         self._preempted = True
 
-    def step_seed(self, step: int, salt: int = 0) -> int:
-        """A seed fixed by (run seed, step, replica): resuming reproduces the same samples at any restart."""
-        return (self.cfg.train.seed * 1_000_003 + step * 10_007 + self.env.dp_rank * 101 + salt) % (2**31 - 1)
-
     @contextmanager
     def timer(self, phase: str, metrics: dict):
         start = time.perf_counter()

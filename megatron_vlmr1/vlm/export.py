@@ -11,6 +11,7 @@ tool can consume it anywhere.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Iterator
@@ -19,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_vlmr1.parallel import ParallelEnv
-from megatron_vlmr1.vlm.base import VLMFamily, WeightSpec, layer_index, owning_pp_rank, shift_layer_index, tp_split
+from megatron_vlmr1.vlm.base import (VLMFamily, WeightSpec, layer_index, owning_pp_rank, shift_layer_index,
+                                     tp_partition_dim, tp_split)
 from megatron_vlmr1.vlm.families import get_family
 from megatron_vlmr1.vlm.lora import merged_parameter
 from megatron_vlmr1.vlm.stages import gather_full_mcore, gather_tp, single_chunk, stage_info, unwrap_model
@@ -53,11 +55,26 @@ def _buckets(specs: list[WeightSpec], layout: Any, pp_size: int) -> list[list[We
     return buckets
 
 
+@dataclasses.dataclass
+class SyncTraffic:
+    """Bytes this rank received over the process groups while exporting (pipeline broadcasts + TP all-gathers)."""
+
+    received_bytes: int = 0
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
 @torch.no_grad()
 def export_hf_weights(model_chunks: torch.nn.Module | list[torch.nn.Module], family: VLMFamily,
-                      dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                      dtype: torch.dtype | None = None,
+                      traffic: SyncTraffic | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, full_tensor)`` for every HF weight, on every rank, in the family's order.
 
+    Per bucket (one layer, or one stage's non-layer weights), the owning stage's TP *shards* are broadcast over the
+    pipeline group (each TP rank carries only its 1/TP slice across the pipeline), then every stage all-gathers them
+    over its TP group (inside the node). ``traffic`` counts the bytes this rank received doing so.
     LoRA-adapted linears yield their merged weight ``W + scale * B @ A`` (the base stays untouched).
     A collective: all ranks of the model-parallel group must iterate it to the end together. ``dtype`` casts the
     yielded tensors (e.g. bf16 for vLLM); None keeps the model's dtype. Tensors are fresh copies (callers may keep
@@ -65,32 +82,39 @@ def export_hf_weights(model_chunks: torch.nn.Module | list[torch.nn.Module], fam
     """
     model = single_chunk(model_chunks)
     layout = model.layout
-    pp_rank, pp_size, offset = stage_info(model)
+    pp_rank, pp_size, _ = stage_info(model)
+    layers_per_stage = layout.num_layers // pp_size
     params = dict(model.named_parameters())
     env = model.parallel_env
     pp_group = env.pp_group
     pp_ranks = dist.get_process_group_ranks(pp_group) if pp_size > 1 else [dist.get_rank()]
     for bucket in _buckets(family.weight_specs(model.hf_config, layout), layout, pp_size):
         owner = _owner(bucket[0], layout, pp_size)
-        full: list[torch.Tensor | None] = [None] * len(bucket)
+        # the parameter names as the owning stage numbers its layers (what decides each one's TP split)
+        names = [shift_layer_index(spec.mcore_name, -owner * layers_per_stage) for spec in bucket]
+        shards: list[torch.Tensor | None] = [None] * len(bucket)
         if owner == pp_rank:
-            for i, spec in enumerate(bucket):
-                local = shift_layer_index(spec.mcore_name, -offset)
+            for i, (spec, local) in enumerate(zip(bucket, names)):
                 if local not in params:
                     raise ValueError(f"model has no parameter {local} (global {spec.mcore_name}); wrong family?")
-                full[i] = gather_tp(env, local, merged_parameter(model, local, params[local]))
+                shards[i] = merged_parameter(model, local, params[local]).detach().contiguous()
         if pp_size > 1:
-            meta = [[(t.shape, t.dtype) for t in full] if owner == pp_rank else None]
+            meta = [[(t.shape, t.dtype) for t in shards] if owner == pp_rank else None]
             dist.broadcast_object_list(meta, src=pp_ranks[owner], group=pp_group)
             for i, (shape, tensor_dtype) in enumerate(meta[0]):
                 if owner != pp_rank:
-                    full[i] = torch.empty(shape, dtype=tensor_dtype, device=_device(model))
-                dist.broadcast(full[i], src=pp_ranks[owner], group=pp_group)
-        for spec, tensor in zip(bucket, full):
-            assert tensor is not None
+                    shards[i] = torch.empty(shape, dtype=tensor_dtype, device=_device(model))
+                dist.broadcast(shards[i], src=pp_ranks[owner], group=pp_group)
+                if owner != pp_rank and traffic is not None:
+                    traffic.received_bytes += _nbytes(shards[i])
+        for spec, local, shard in zip(bucket, names, shards):
+            assert shard is not None
+            tensor = gather_tp(env, local, shard)
+            if traffic is not None and env.tp > 1 and tp_partition_dim(local) is not None:
+                traffic.received_bytes += (env.tp - 1) * _nbytes(shard)
             for hf_name, hf_tensor in zip(spec.hf_names, spec.from_mcore(tensor)):
                 out = hf_tensor.to(dtype) if dtype is not None else hf_tensor
-                yield hf_name, out.clone() if out.data_ptr() == tensor.data_ptr() else out.contiguous()
+                yield hf_name, out.clone() if out.data_ptr() == shard.data_ptr() else out.contiguous()
 
 
 def _device(model: torch.nn.Module) -> torch.device:

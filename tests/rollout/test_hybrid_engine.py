@@ -79,7 +79,7 @@ def test_buckets_consume_the_stream_lazily():
 def test_rollout_config_sync_keys():
     with pytest.raises(ValueError, match="rollout.sync_bucket_mb"):
         RolloutConfig(sync_bucket_mb=0)
-    assert RolloutConfig().sync_bucket_mb == 512.0 and RolloutConfig().vllm_sleep is False
+    assert RolloutConfig().sync_bucket_mb == 512.0 and RolloutConfig().vllm_sleep is True
 
 
 # -- transformers engine: bytes, device plumbing, bad input ---------------------------------------------------------

@@ -8,7 +8,8 @@ from tests.trainer.conftest import grpo_config, run
 
 CONTRACT_KEYS = {"step", "reward/mean", "reward/std", "reward/format", "reward/iou", "kl", "clip_frac", "entropy",
                  "completion_len/mean", "time/rollout", "time/reward", "time/update", "time/sync", "tokens_per_s",
-                 "sync_gib", "rollout_logprob_gap", "grad_norm", "lr"}
+                 "sync_gib", "sync_bytes_moved_gib", "rollout_prompts_generated", "rollout_logprob_gap", "grad_norm",
+                 "lr"}
 
 
 def _grpo():
@@ -25,6 +26,7 @@ def test_grpo_logs_the_contract_and_trainer_matches_rollout_logprobs(tiny_qwen2_
         # the megatron model re-scores the HF engine's samples: same weights, same numbers
         assert record["rollout_logprob_gap"] < 1e-4 and record["rollout_logprob_gap_max"] < 1e-3, record
         assert 0 < record["completion_len/mean"] <= 12
+        assert record["rollout_prompts_generated"] == 2 and record["sync_bytes_moved_gib"] == 0.0  # one rank
     # step 1: policy == reference, so every KL estimate is exactly zero; on-policy ratios are exactly 1
     assert records[0]["kl"] == 0.0 and records[0]["ratio_mean"] == 1.0 and records[0]["clip_frac"] == 0.0
     assert (tmp_path / "reward_curve.png").exists()
@@ -50,13 +52,16 @@ def _parallel_grpo(rank, world_size, model, data, out, tp):
     from pathlib import Path
 
     records = run(_grpo(), grpo_config(Path(model), Path(data), Path(out), parallel={"tp": tp}))
-    return [(r["reward/mean"], r["pg_loss"], r["kl"], r["grad_norm"]) for r in records]
+    return [(r["reward/mean"], r["pg_loss"], r["kl"], r["grad_norm"], r["rollout_prompts_generated"])
+            for r in records]
 
 
 def test_tensor_parallel_grpo_reproduces_single_rank(tiny_qwen2_5_vl_kv2, rec_data, tmp_path):
     single = run(_grpo(), grpo_config(tiny_qwen2_5_vl_kv2, rec_data, tmp_path / "single"))
     results = run_distributed(_parallel_grpo, 2, str(tiny_qwen2_5_vl_kv2), str(rec_data), str(tmp_path / "tp2"), 2)
-    for (reward, pg_loss, kl, grad_norm), ref in zip(results[0], single):
+    # the two ranks split the step's prompts (each generated once, with its own seed) and share the results
+    for (reward, pg_loss, kl, grad_norm, generated), ref in zip(results[0], single):
+        assert generated == ref["rollout_prompts_generated"] == 2
         assert reward == pytest.approx(ref["reward/mean"], abs=1e-6)
         assert pg_loss == pytest.approx(ref["pg_loss"], abs=1e-5)
         assert kl == pytest.approx(ref["kl"], abs=1e-6)

@@ -36,7 +36,7 @@ def _train(model: Path, data: Path, out: Path, overrides: list[str], launcher: l
         "model": {"path": str(model)},
         "parallel": {"device": "cpu"},
         "data": {"files": [str(data)], "task": "rec"},
-        "rollout": {"max_model_len": 512, "max_batch_size": 8, "sampling": {"max_new_tokens": 12}},
+        "rollout": {"max_model_len": 512, "max_num_seqs": 8, "sampling": {"max_new_tokens": 12}},
         "algo": {"group_size": 4, "beta": 0.0},
         "rewards": [{"name": REWARD, "weight": 1.0}],
         "optim": {"lr": 1e-2},
@@ -89,13 +89,16 @@ def test_sync_metrics_and_cpu_ignores_sleep(vllm_run, tiny_qwen2_5_vl):
 
 
 def test_training_tensor_parallelism_is_independent_of_vllm(rec_data, tmp_path):
-    """Trainer at TP=2 (two ranks); each rank's vLLM holds the full model, fed by the exporter's gathered tensors."""
+    """Trainer at TP=2 (two ranks) with rollout.tp=1: two vLLM replicas (external launcher), each holding the full
+    model fed by the exporter's gathered tensors, each generating one of the step's two prompts."""
     from tools.make_tiny_model import make_tiny_model
 
     model = make_tiny_model("qwen2_5_vl", tmp_path / "model", seed=0, num_kv_heads=2)
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    records, _ = _train(model, rec_data, tmp_path / "run", ["parallel.tp=2", "train.steps=2"], launcher)
+    records, _ = _train(model, rec_data, tmp_path / "run", ["parallel.tp=2", "rollout.tp=1", "train.steps=2"],
+                        launcher)
     assert [r["step"] for r in records] == [1, 2]
     for record in records:
+        assert record["rollout_prompts_generated"] == 2
         assert record["rollout_logprob_gap"] < 1e-4 and record["rollout_logprob_gap_max"] < 1e-3, record
         assert record["grad_norm"] > 0 and record["sync_gib"] == pytest.approx(_checkpoint_bytes(model) / 2**30)
