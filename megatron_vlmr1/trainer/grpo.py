@@ -118,10 +118,14 @@ class GRPOTrainer(TrainingSession):
         return kept_samples[:kept], kept_results[:kept], kept_total[:kept * group], per_reward
 
     def step(self, step: int) -> dict:
+        """One GRPO step. ``self.preemption.check()`` between the phases abandons the step (``Preempted``) while
+        no update of it has been applied yet; the session then saves the previous step's state."""
         metrics: dict[str, float] = {}
         with self.timer("sync", metrics):
             metrics["sync_gib"] = self.sync_weights() / 2**30
+        self.preemption.check()
         samples, results, total, per_reward = self.collect(step, metrics)
+        self.preemption.check()
         freed = self.engine.sleep()  # vLLM on CUDA with rollout.vllm_sleep: the trainer gets its memory until the sync
         if self.cfg.rollout.vllm_sleep:
             metrics["rollout_sleep_freed_gib"] = freed / 2**30
@@ -133,9 +137,11 @@ class GRPOTrainer(TrainingSession):
         micro_batches = self.build_micro_batches(samples, results, advantages)
         with self.timer("old_logprob", metrics):
             self.attach("old_logprobs", micro_batches, self.actor.logprobs(micro_batches) if self.algo.mu > 1 else None)
+        self.preemption.check()
         with self.timer("ref_logprob", metrics):
             self.attach("ref_logprobs", micro_batches,
                         self.reference.logprobs(micro_batches) if self.reference is not None else None)
+        self.preemption.check()  # the last point before an update: from here on the step finishes
         normalizer = self.global_normalizer(micro_batches)
         with self.timer("update", metrics):
             for _ in range(self.algo.mu):
