@@ -48,7 +48,8 @@ setup(
         "pillow", "pycocotools", "peft", "tqdm", "matplotlib", "tensorboard",
     ],
     extras_require={
-        "gpu": ["vllm", "transformer-engine[pytorch]", "flash-attn"],
+        # the versions of requirements/lock-gpu.txt (`make install-gpu`; TE's torch part and flash-attn build from source)
+        "gpu": ["torch==2.13.0", "vllm==0.32.0", "transformer-engine[pytorch]==2.20.2", "flash-attn==2.8.3.post2"],
         "test": ["pytest", "pytest-timeout", "hypothesis"],
     },
     ext_modules=[build_extension()],

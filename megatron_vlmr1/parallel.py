@@ -26,11 +26,16 @@ class ParallelConfig:
     pp: int = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
     distributed_optimizer: bool = True
+    # Activation recompute of the actor's decoder layers during the update: "none" keeps every activation,
+    # "selective" recomputes the attention core, "full" keeps only each layer's input and recomputes the layer.
+    recompute: Literal["none", "selective", "full"] = "none"
 
     def __post_init__(self) -> None:
         for key in ("tp", "pp"):
             if getattr(self, key) < 1:
                 raise ValueError(f"parallel.{key} must be >= 1, got {getattr(self, key)}")
+        if self.recompute not in ("none", "selective", "full"):
+            raise ValueError(f"parallel.recompute must be none, selective or full, got {self.recompute!r}")
 
     def validate_world_size(self, world_size: int) -> None:
         if world_size % (self.tp * self.pp):

@@ -169,6 +169,8 @@ class GRPOTrainer(TrainingSession):
         return RolloutBatch(kept_samples[:kept], kept_results[:kept], kept_total[:kept * group], per_reward)
 
     def step(self, step: int) -> dict:
+        """One GRPO step. ``self.preemption.check()`` between the phases abandons the step (``Preempted``) while
+        no update of it has been applied yet; the session then saves the previous step's state."""
         metrics: dict[str, float] = {}
         from megatron_vlmr1.vlm.export import SyncTraffic
 
@@ -177,7 +179,9 @@ class GRPOTrainer(TrainingSession):
             metrics["sync_gib"] = self.sync_weights(traffic) / 2**30
         # the busiest rank's bytes received over the trainer's process groups while exporting (TP gather, PP send)
         metrics["sync_bytes_moved_gib"] = self.all_reduce_max(traffic.received_bytes) / 2**30
+        self.preemption.check()
         batch = self.collect(step, metrics)
+        self.preemption.check()
         freed = self.engine.sleep()  # vLLM on CUDA with rollout.vllm_sleep: the trainer gets its memory until the sync
         if self.cfg.rollout.engine == "vllm" and self.cfg.rollout.vllm_sleep:
             metrics["rollout_sleep_freed_gib"] = freed / 2**30
@@ -190,9 +194,11 @@ class GRPOTrainer(TrainingSession):
             micro_batches = self.build_micro_batches(batch, advantages)
         with self.timer("old_logprob", metrics):
             self.attach("old_logprobs", micro_batches, self.actor.logprobs(micro_batches) if self.algo.mu > 1 else None)
+        self.preemption.check()
         with self.timer("ref_logprob", metrics):
             self.attach("ref_logprobs", micro_batches,
                         self.reference.logprobs(micro_batches) if self.reference is not None else None)
+        self.preemption.check()  # the last point before an update: from here on the step finishes
         loss = GRPOLoss(self.policy_loss, self.algo, micro_batches, self.env.dp, self.data_parallel_sum)
         with self.timer("update", metrics):
             for _ in range(self.algo.mu):

@@ -105,7 +105,7 @@ class ScoringModel:
     """This pipeline stage's megatron model, loaded from an HF checkpoint; forward-only scoring."""
 
     def __init__(self, family: VLMFamily, hf_config: PretrainedConfig, hf_path: str, env: ParallelEnv,
-                 model_cfg: ModelConfig):
+                 model_cfg: ModelConfig, recompute: str = "none"):
         from megatron_vlmr1.vlm.export import load_hf_weights
 
         self.env = env
@@ -115,7 +115,7 @@ class ScoringModel:
         backend = "local" if model_cfg.train_mode == "lora" else family.default_backend(env.device)
         # No random initialisation: every weight is loaded right after.
         model = family.build_model(hf_config, env, params_dtype=self.dtype, backend=backend,
-                                   perform_initialization=False)
+                                   perform_initialization=False, **recompute_config(recompute))
         model.to(env.device)
         load_hf_weights(model, family, hf_path)
         self.chunks: list[torch.nn.Module] = [model]
@@ -172,8 +172,9 @@ class ActorModel(ScoringModel):
     """The trainable policy: DDP-wrapped megatron model + megatron optimizer + LR schedule."""
 
     def __init__(self, family: VLMFamily, hf_config: PretrainedConfig, hf_path: str, env: ParallelEnv,
-                 model_cfg: ModelConfig, optim_cfg: OptimConfig, total_steps: int, distributed_optimizer: bool = True):
-        super().__init__(family, hf_config, hf_path, env, model_cfg)
+                 model_cfg: ModelConfig, optim_cfg: OptimConfig, total_steps: int, distributed_optimizer: bool = True,
+                 recompute: str = "none"):
+        super().__init__(family, hf_config, hf_path, env, model_cfg, recompute=recompute)
         check_trainable_layout(self.module, env.tp)
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -266,6 +267,17 @@ class AdapterFreeReference:
 
         with disabled_adapters(self.actor.module):
             return self.actor.logprobs(micro_batches)
+
+
+def recompute_config(mode: str) -> dict[str, Any]:
+    """megatron TransformerConfig fields for ``parallel.recompute`` (only training keeps activations to recompute)."""
+    if mode == "none":
+        return {}
+    if mode == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    if mode == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    raise ValueError(f"parallel.recompute must be none, selective or full, got {mode!r}")
 
 
 def check_trainable_layout(model: torch.nn.Module, tp: int) -> None:

@@ -1,12 +1,11 @@
-"""What every training run shares: process groups, model family, data, the actor, metrics, checkpoints, SIGTERM.
+"""What every training run shares: process groups, model family, data, the actor, metrics, checkpoints, preemption.
 
 A subclass (GRPO, SFT) implements ``step(step) -> metrics``; ``fit`` runs the loop, saves on schedule and on
-preemption, and exports HF weights at the end.
+preemption (SIGTERM/SIGUSR1: see ``preemption``), and exports HF weights at the end.
 """
 from __future__ import annotations
 
 import abc
-import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +18,7 @@ from megatron_vlmr1.config import save_config
 from megatron_vlmr1.trainer.checkpoint import CheckpointManager
 from megatron_vlmr1.parallel import all_reduce_sum, any_rank, init_parallel, teardown_parallel
 from megatron_vlmr1.trainer.metrics import MetricsLogger, plot_run
+from megatron_vlmr1.trainer.preemption import Preempted, PreemptionGuard
 
 
 # Reshardable across data-parallel sizes: a run can resume on a different number of GPUs. (megatron-core
@@ -48,7 +48,8 @@ class TrainingSession(abc.ABC):
         self.data = BatchIterator(samples, self.prompts_per_rank, seed=cfg.data.seed, shuffle=cfg.data.shuffle,
                                   rank=self.env.dp_rank, world_size=self.env.dp)
         self.actor = ActorModel(self.family, self.hf_config, cfg.model.path, self.env, cfg.model, cfg.optim,
-                                total_steps=cfg.train.steps, distributed_optimizer=cfg.parallel.distributed_optimizer)
+                                total_steps=cfg.train.steps, distributed_optimizer=cfg.parallel.distributed_optimizer,
+                                recompute=cfg.parallel.recompute)
         self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", rank=self.env.rank,
                                              keep_last=cfg.checkpoint.keep_last, barrier=dist.barrier)
         self.start_step = self.maybe_resume()
@@ -57,12 +58,10 @@ class TrainingSession(abc.ABC):
                                      log_interval=cfg.train.log_interval)
         if self.env.is_logging_rank:
             save_config(cfg, self.output_dir / "config.yaml")
-        self._preempted = False
-        self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+        # A subclass's step() calls self.preemption.check() between its phases (before any update of the step).
+        self.preemption = PreemptionGuard()
 
     # -- small utilities ---------------------------------------------------------------------------------------
-    def _on_sigterm(self, signum, frame) -> None:
-        self._preempted = True
 
     @contextmanager
     def timer(self, phase: str, metrics: dict):
@@ -108,13 +107,15 @@ class TrainingSession(abc.ABC):
         return {"model": model_sd,
                 "optimizer": self.actor.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=OPTIMIZER_CKPT_FORMAT)}
 
-    def save_checkpoint(self, step: int) -> Path:
+    def save_checkpoint(self, step: int, data_state: dict | None = None) -> Path:
+        """Save the state after ``step``; ``data_state`` is the data position to record (default: the current one)."""
         from megatron.core import dist_checkpointing
 
         def write(directory: Path) -> None:
             dist_checkpointing.save(self.sharded_state(), str(directory))
 
-        state = {"data": self.data.state_dict(), "scheduler": self.actor.scheduler.state_dict()}
+        state = {"data": data_state if data_state is not None else self.data.state_dict(),
+                 "scheduler": self.actor.scheduler.state_dict()}
         return self.checkpoints.save(step, write, state)
 
     def maybe_resume(self) -> int:
@@ -179,9 +180,26 @@ class TrainingSession(abc.ABC):
         bar = tqdm(total=cfg.train.steps, initial=self.start_step, desc=type(self).__name__, dynamic_ncols=True,
                    disable=not (cfg.train.progress_bar and self.env.is_logging_rank))
         step = self.start_step
+        preempted = False
+        self.preemption.install()
         for step in range(self.start_step + 1, cfg.train.steps + 1):
             start = time.perf_counter()
-            metrics = self.step(step)
+            data_before = self.data.state_dict()
+            try:
+                metrics = self.step(step)
+            except Preempted:
+                # signalled mid-step, before any update of it: keep the state as of step - 1, so the resumed run
+                # redoes this step from the same prompts with the same seeds
+                preempted = True
+                saved = step - 1 > last_saved
+                if saved:
+                    self.save_checkpoint(step - 1, data_state=data_before)
+                    last_saved = step - 1
+                if self.env.is_logging_rank:
+                    what = f"saved step {last_saved}" if saved else f"nothing to save after step {last_saved}"
+                    print(f"{self.preemption.name}: abandoned step {step} before its update, {what}, exiting",
+                          flush=True)
+                break
             metrics["time/step"] = time.perf_counter() - start
             if "rollout_tokens" in metrics:
                 metrics["tokens_per_s"] = metrics["rollout_tokens"] / metrics["time/step"]
@@ -189,17 +207,18 @@ class TrainingSession(abc.ABC):
             bar.update(1)
             if self.metrics.due(step):
                 self.report(step, record, bar)
-            if any_rank(self._preempted):
+            if self.preemption.requested():
+                preempted = True
                 self.save_checkpoint(step)
                 last_saved = step
                 if self.env.is_logging_rank:
-                    print(f"SIGTERM: saved step {step}, exiting", flush=True)
+                    print(f"{self.preemption.name}: saved step {step}, exiting", flush=True)
                 break
             if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
                 self.save_checkpoint(step)
                 last_saved = step
         bar.close()
-        if self._preempted:
+        if preempted:
             return
         if step > last_saved:
             self.save_checkpoint(step)
@@ -210,7 +229,7 @@ class TrainingSession(abc.ABC):
 
     def close(self) -> None:
         self.metrics.close()
-        signal.signal(signal.SIGTERM, self._previous_sigterm)
+        self.preemption.restore()
         teardown_parallel(self.env)
 
 
