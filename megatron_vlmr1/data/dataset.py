@@ -23,6 +23,7 @@ from typing import Any
 from megatron_vlmr1.data.iterator import BatchIterator
 from megatron_vlmr1.data.schema import IMAGE_TOKEN, Row, read_jsonl
 from megatron_vlmr1.data.templates import format_question, question_template
+from megatron_vlmr1.rewards.text import accuracy_methods
 
 # Keys that the loader turns into Sample fields; everything else in a line is an extra field.
 RESERVED_KEYS = frozenset({"id", "image", "conversations", "accu_reward_method", "task"})
@@ -62,6 +63,10 @@ class DataConfig:
         if self.reward_methods and len(self.reward_methods) != len(self.files):
             raise ValueError(f"data.reward_methods has {len(self.reward_methods)} entries but data.files has "
                              f"{len(self.files)}; they pair up in order")
+        unknown = [m for m in self.reward_methods if m not in accuracy_methods()]
+        if unknown:
+            raise ValueError(f"data.reward_methods: unknown accu_reward_method(s) {unknown}; known: "
+                             f"{accuracy_methods()}")
         try:
             question_template(self.task)
         except ValueError as err:

@@ -16,6 +16,7 @@ from typing import Any
 from PIL import Image
 
 from megatron_vlmr1.data.templates import known_tasks
+from megatron_vlmr1.rewards.text import accuracy_methods
 
 IMAGE_TOKEN = "<image>"
 
@@ -55,6 +56,9 @@ def _record_problems(record: Any) -> list[str]:
             problems.append(f"'{key}' must be a non-empty string, got {record[key]!r}")
     if "task" in record and isinstance(record["task"], str) and record["task"] not in known_tasks():
         problems.append(f"unknown task {record['task']!r}; known: {known_tasks()}")
+    method = record.get("accu_reward_method")
+    if isinstance(method, str) and method and method not in accuracy_methods():
+        problems.append(f"unknown accu_reward_method {method!r}; known: {accuracy_methods()}")
     if "conversations" not in record:
         return problems + ["missing key 'conversations'"]
     turns = record["conversations"]
