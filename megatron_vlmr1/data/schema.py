@@ -11,7 +11,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from PIL import Image
 
@@ -97,6 +97,56 @@ def _image_problem(path: Path, verify: bool) -> tuple[str | None, tuple[int, int
     return None, size
 
 
+def check_records(path: Path, folder: Path, entries: Iterable[tuple[str, Any, str | None]], *, min_image_side: int,
+                  max_errors: int, verify_images: bool) -> list[Row]:
+    """Validate ``(where, record, parse error)`` entries of one file; raise one ``ValueError`` listing its problems.
+
+    The checks every reader shares (jsonl lines, VLM-R1 REC json records): record structure, then every image.
+    """
+    rows: list[Row] = []
+    errors: list[str] = []
+    for where, record, parse_error in entries:
+        if len(errors) >= max_errors:
+            errors.append(f"{path}: stopped after {max_errors} problems")
+            break
+        if parse_error is not None:
+            errors.append(f"{where}: {parse_error}")
+            continue
+        problems = _record_problems(record)
+        if problems:
+            errors.extend(f"{where}: {p}" for p in problems)
+            continue
+        paths, sizes = [], []
+        for rel in image_list(record):
+            image_path = folder / rel
+            problem, size = _image_problem(image_path, verify_images)
+            if problem:
+                errors.append(f"{where}: {problem}")
+                continue
+            if min(size) < min_image_side:
+                warnings.warn(f"{where}: image {image_path} is {size[0]}x{size[1]}, below the minimum side "
+                              f"{min_image_side}; it is upscaled on load (shorter side to {min_image_side}, "
+                              "aspect kept), as VLM-R1 does", stacklevel=3)
+            paths.append(str(image_path))
+            sizes.append(size)
+        if len(paths) == len(image_list(record)):
+            rows.append(Row(where, record, tuple(paths), tuple(sizes)))
+    if errors:
+        raise ValueError(f"{len(errors)} problem(s) in {path}:\n" + "\n".join(errors))
+    return rows
+
+
+def _jsonl_entries(path: Path) -> Iterator[tuple[str, Any, str | None]]:
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{lineno}", json.loads(line), None
+            except json.JSONDecodeError as err:
+                yield f"{path}:{lineno}", None, f"malformed JSON ({err.msg} at column {err.colno})"
+
+
 def read_jsonl(path: str | Path, image_folder: str | Path, *, min_image_side: int = 28, max_errors: int = 20,
                verify_images: bool = True) -> list[Row]:
     """Parse and check one VLM-R1 jsonl file; raise one ``ValueError`` listing its problems (at most ``max_errors``).
@@ -107,43 +157,8 @@ def read_jsonl(path: str | Path, image_folder: str | Path, *, min_image_side: in
     path, folder = Path(path), Path(image_folder)
     if not path.is_file():
         raise ValueError(f"data file not found: {path}")
-    rows: list[Row] = []
-    errors: list[str] = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if len(errors) >= max_errors:
-                errors.append(f"{path}: stopped after {max_errors} problems")
-                break
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                errors.append(f"{where}: malformed JSON ({err.msg} at column {err.colno})")
-                continue
-            problems = _record_problems(record)
-            if problems:
-                errors.extend(f"{where}: {p}" for p in problems)
-                continue
-            paths, sizes = [], []
-            for rel in image_list(record):
-                image_path = folder / rel
-                problem, size = _image_problem(image_path, verify_images)
-                if problem:
-                    errors.append(f"{where}: {problem}")
-                    continue
-                if min(size) < min_image_side:
-                    warnings.warn(f"{where}: image {image_path} is {size[0]}x{size[1]}, below the minimum side "
-                                  f"{min_image_side}; it is upscaled on load (shorter side to {min_image_side}, "
-                                  "aspect kept), as VLM-R1 does", stacklevel=2)
-                paths.append(str(image_path))
-                sizes.append(size)
-            if len(paths) == len(image_list(record)):
-                rows.append(Row(where, record, tuple(paths), tuple(sizes)))
-    if errors:
-        raise ValueError(f"{len(errors)} problem(s) in {path}:\n" + "\n".join(errors))
-    return rows
+    return check_records(path, folder, _jsonl_entries(path), min_image_side=min_image_side, max_errors=max_errors,
+                         verify_images=verify_images)
 
 
 def upscale_to_min_side(image: Image.Image, min_side: int) -> Image.Image:

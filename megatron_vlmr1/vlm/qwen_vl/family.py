@@ -37,6 +37,10 @@ def default_backend(device: str | torch.device) -> str:
 class QwenVLFamily(VLMFamily):
     model_types = ("qwen2_5_vl", "qwen2_vl")
 
+    def default_box_space(self, model_type: str) -> str:
+        """Qwen2.5-VL grounds in pixels of the resized image it was fed; Qwen2-VL in 0-1000 coordinates."""
+        return "resized" if model_type == "qwen2_5_vl" else "norm1000"
+
     def layout(self, hf_config: Any, tp_size: int = 1, num_query_groups: int | None = None,
                make_vocab_size_divisible_by: int = 128, backend: str = "local") -> weights.QwenLayout:
         return weights.make_layout(hf_config, tp_size, num_query_groups, make_vocab_size_divisible_by,
