@@ -10,7 +10,8 @@
 # tools/sft_vs_rl_report.py then writes OUT/report.md and OUT/{rec,ovd}_curves.png from those eval reports only.
 #
 # Usage: PY=.venv/bin/python bash examples/sft_vs_rl.sh        (defaults: ~20-30 minutes on 2 CPU cores)
-# Knobs (environment): OUT STEPS EVAL_EVERY PROMPTS MICRO N N_TEST WARMUP_STEPS WARMUP_PROMPTS GROUP BASE_MODEL SEED
+# Knobs (environment): OUT STEPS EVAL_EVERY PROMPTS MICRO N N_TEST DIFFICULTY WARMUP_STEPS WARMUP_PROMPTS GROUP
+# BASE_MODEL SEED
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -21,6 +22,7 @@ EVAL_EVERY=${EVAL_EVERY:-20}
 PROMPTS=${PROMPTS:-8}
 N=${N:-512}
 N_TEST=${N_TEST:-100}
+DIFFICULTY=${DIFFICULTY:-easy}
 WARMUP_STEPS=${WARMUP_STEPS:-60}
 WARMUP_PROMPTS=${WARMUP_PROMPTS:-16}
 MICRO=${MICRO:-16}
@@ -34,7 +36,7 @@ mkdir -p "$OUT"
 [ -f "$BASE_MODEL/config.json" ] || $PY tools/make_tiny_model.py --arch qwen2_5_vl --out "$BASE_MODEL" --seed "$SEED"
 for task in rec ovd; do
   [ -f "$OUT/data/$task/train.jsonl" ] || $PY tools/make_synthetic_data.py --task $task --out "$OUT/data/$task" \
-      --n "$N" --n-test "$N_TEST" --seed "$SEED" --difficulty easy
+      --n "$N" --n-test "$N_TEST" --seed "$SEED" --difficulty "$DIFFICULTY"
 done
 REC=$OUT/data/rec
 OVD=$OUT/data/ovd

@@ -87,6 +87,7 @@ class Scene:
     noisy: bool
     background: int
     noise_seed: int
+    gradient: bool = False  # grey background brightening to the right and downwards ("single")
 
 
 def split_combos(difficulty: Difficulty) -> tuple[list[Combo], list[Combo]]:
@@ -166,12 +167,17 @@ def make_scene(rng: random.Random, combos: list[Combo], difficulty: Difficulty) 
         return None
     objects = tuple(Obj(color, shape, square, _mask_box(shape_mask(shape, width, height, square)))
                     for (color, shape), square in zip(combos, squares))
-    return Scene(width, height, objects, noisy, background, rng.randrange(2**32))
+    return Scene(width, height, objects, noisy, background, rng.randrange(2**32), gradient=difficulty == "single")
 
 
 def render(scene: Scene) -> Image.Image:
     """RGB image of a scene. Background noise is grey (r = g = b), so it never equals a shape colour."""
     grey = np.full((scene.height, scene.width), scene.background, dtype=np.int16)
+    if scene.gradient:
+        # A patch's own background pixels then say where it is: a tiny model reads that far more easily than it
+        # learns to turn rotary positions into coordinates. Grey (r = g = b) still never equals a shape colour.
+        ys, xs = np.mgrid[0:scene.height, 0:scene.width]
+        grey = (140 + 50 * xs // scene.width + 50 * ys // scene.height).astype(np.int16)
     if scene.noisy:
         noise = np.random.default_rng(scene.noise_seed).integers(-12, 13, size=grey.shape, dtype=np.int16)
         grey = grey + noise

@@ -171,6 +171,8 @@ def test_single_mode_is_easy_with_one_shape_in_the_asked_about_image(tmp_path):
             (only,) = record["objects"][0]
             assert json.loads(record["conversations"][1]["value"]) == only["bbox_2d"]
             assert record["expression"] == f"the {only['label']}"
+            pixels = Image.open(tmp_path / record["image"]).convert("L")
+            assert pixels.getpixel((0, 0)) < pixels.getpixel((111, 0)) < pixels.getpixel((111, 111))  # gradient
     make_dataset("ovd", tmp_path / "ovd", n=10, seed=0, difficulty="single")
     for record in _records(tmp_path / "ovd" / "train.jsonl"):
         assert len(record["objects"][record["target_image"]]) == 1
