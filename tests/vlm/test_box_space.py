@@ -24,3 +24,20 @@ def test_the_log_line_says_where_the_value_came_from():
     assert describe_box_space("auto", "resized", "qwen2_5_vl") == (
         "box_space: resized (auto: the default of model_type 'qwen2_5_vl')")
     assert describe_box_space("abs", "abs", "qwen2_5_vl") == "box_space: abs (set in the config)"
+
+
+@pytest.mark.parametrize("difficulty", ["easy", "single", "normal"])
+def test_synthetic_images_are_not_resized_so_auto_scores_the_demo_as_abs(tiny_qwen2_5_vl, tmp_path, difficulty):
+    # box_space: auto is "resized" for Qwen2.5-VL; the synthetic images (sides multiples of 28, <= 224) reach the
+    # tiny model at their own size, so resized pixels are original pixels and the demo's boxes score unchanged.
+    from transformers import AutoProcessor
+
+    from megatron_vlmr1.data import DataConfig, load_samples
+    from megatron_vlmr1.data.synthetic import make_rec_dataset
+    from megatron_vlmr1.vlm.qwen_vl.processor import encode_prompt
+
+    make_rec_dataset(tmp_path, 6, seed=0, difficulty=difficulty)
+    processor = AutoProcessor.from_pretrained(tiny_qwen2_5_vl)
+    for sample in load_samples(DataConfig(files=[str(tmp_path / "train.jsonl")])):
+        geometry = encode_prompt(processor, sample.messages, sample.image_paths).images
+        assert [g.resized for g in geometry] == [g.original for g in geometry]
