@@ -26,9 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-test", type=int, default=None, help="records in test and in test_ood (default n/5)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images-per-sample", type=int, default=1)
-    parser.add_argument("--difficulty", choices=("normal", "easy", "single"), default="normal",
-                        help="easy: one or two large shapes in a 112 px image at four possible positions; "
-                             "single: easy with one shape per asked-about image on a grey gradient (the CPU demo)")
+    parser.add_argument("--difficulty", choices=("normal", "easy"), default="normal",
+                        help="easy: one or two large shapes in a 112 px image at four possible positions")
     args = parser.parse_args(argv)
     try:
         written = make_dataset(args.task, args.out, args.n, args.seed, n_test=args.n_test,

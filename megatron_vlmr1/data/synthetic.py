@@ -59,10 +59,7 @@ OVD_QUESTION = (
     'If no targets are detected in the image, simply respond with "None".'
 )
 
-# "single" is "easy" with exactly one object in the asked-about image: the CPU demo's task, where grounding is
-# "where is the shape" (four positions), learnable by the tiny model within minutes.
-Difficulty = Literal["normal", "easy", "single"]
-DIFFICULTIES: tuple[str, ...] = ("normal", "easy", "single")
+Difficulty = Literal["normal", "easy"]
 
 
 @dataclass(frozen=True)
@@ -87,12 +84,11 @@ class Scene:
     noisy: bool
     background: int
     noise_seed: int
-    gradient: bool = False  # grey background brightening to the right and downwards ("single")
 
 
 def split_combos(difficulty: Difficulty) -> tuple[list[Combo], list[Combo]]:
     """(in-domain, held-out) colour x shape combinations of a difficulty; both are non-empty."""
-    colors, shapes = (tuple(COLORS), SHAPES) if difficulty == "normal" else (EASY_COLORS, EASY_SHAPES)
+    colors, shapes = (EASY_COLORS, EASY_SHAPES) if difficulty == "easy" else (tuple(COLORS), SHAPES)
     every = [(c, s) for c in colors for s in shapes]
     inside = [cs for cs in every if cs not in HELD_OUT]
     held = [cs for cs in every if cs in HELD_OUT]
@@ -152,7 +148,7 @@ def _place(rng: random.Random, width: int, height: int, sizes: list[int]) -> lis
 
 def make_scene(rng: random.Random, combos: list[Combo], difficulty: Difficulty) -> Scene | None:
     """One object per entry of ``combos`` on a random canvas; None when they do not fit (the caller redraws)."""
-    if difficulty != "normal":
+    if difficulty == "easy":
         # Few positions: each shape fills one quadrant of a 112 px canvas, so an image has at most 4 distinct boxes.
         width = height = 112
         corners = rng.sample([(6, 6), (62, 6), (6, 62), (62, 62)], len(combos))
@@ -167,17 +163,12 @@ def make_scene(rng: random.Random, combos: list[Combo], difficulty: Difficulty) 
         return None
     objects = tuple(Obj(color, shape, square, _mask_box(shape_mask(shape, width, height, square)))
                     for (color, shape), square in zip(combos, squares))
-    return Scene(width, height, objects, noisy, background, rng.randrange(2**32), gradient=difficulty == "single")
+    return Scene(width, height, objects, noisy, background, rng.randrange(2**32))
 
 
 def render(scene: Scene) -> Image.Image:
     """RGB image of a scene. Background noise is grey (r = g = b), so it never equals a shape colour."""
     grey = np.full((scene.height, scene.width), scene.background, dtype=np.int16)
-    if scene.gradient:
-        # A patch's own background pixels then say where it is: a tiny model reads that far more easily than it
-        # learns to turn rotary positions into coordinates. Grey (r = g = b) still never equals a shape colour.
-        ys, xs = np.mgrid[0:scene.height, 0:scene.width]
-        grey = (140 + 50 * xs // scene.width + 50 * ys // scene.height).astype(np.int16)
     if scene.noisy:
         noise = np.random.default_rng(scene.noise_seed).integers(-12, 13, size=grey.shape, dtype=np.int16)
         grey = grey + noise
@@ -232,7 +223,7 @@ def _rec_image(rng: random.Random, target: Combo, pool: list[Combo],
             if found is not None:
                 return found
             continue
-        k = 0 if difficulty == "single" else rng.randrange(0, 2) if difficulty == "easy" else rng.randrange(1, 4)
+        k = rng.randrange(0, 2) if difficulty == "easy" else rng.randrange(1, 4)
         scene = make_scene(rng, [target, *_others(rng, pool, {target}, k)], difficulty)
         if scene is not None:
             return scene, 0, f"the {' '.join(target)}"
@@ -241,7 +232,7 @@ def _rec_image(rng: random.Random, target: Combo, pool: list[Combo],
 def _filler_image(rng: random.Random, pool: list[Combo], difficulty: Difficulty) -> Scene:
     """An image that is not asked about (multi-image samples)."""
     while True:
-        k = rng.randrange(1, 4) if difficulty == "normal" else rng.randrange(1, 3)
+        k = rng.randrange(1, 3) if difficulty == "easy" else rng.randrange(1, 4)
         scene = make_scene(rng, _others(rng, pool, set(), k), difficulty)
         if scene is not None:
             return scene
@@ -252,7 +243,7 @@ def _ovd_image(rng: random.Random, queryable: list[Combo], pool: list[Combo],
     """The asked-about image and its label query: labels of present objects (all instances), maybe absent ones."""
     while True:
         first = rng.choice(queryable)
-        k = 0 if difficulty == "single" else rng.randrange(0, 2) if difficulty == "easy" else rng.randrange(1, 5)
+        k = rng.randrange(0, 2) if difficulty == "easy" else rng.randrange(1, 5)
         # Repeat the first combination sometimes so a label can have several instances.
         rest = [first if rng.random() < 0.3 else rng.choice(pool) for _ in range(k)]
         scene = make_scene(rng, [first, *rest], difficulty)
@@ -395,8 +386,8 @@ def make_dataset(task: Literal["rec", "ovd"], out_dir: str | Path, n: int, seed:
     """
     if task not in ("rec", "ovd"):
         raise ValueError(f"task must be 'rec' or 'ovd', got {task!r}")
-    if difficulty not in DIFFICULTIES:
-        raise ValueError(f"difficulty must be one of {list(DIFFICULTIES)}, got {difficulty!r}")
+    if difficulty not in ("normal", "easy"):
+        raise ValueError(f"difficulty must be 'normal' or 'easy', got {difficulty!r}")
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     if not 1 <= images_per_sample <= len(ORDINALS):

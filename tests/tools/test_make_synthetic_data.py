@@ -163,21 +163,6 @@ def test_easy_mode_has_few_large_shapes_at_few_positions(tmp_path):
     assert len(boxes) <= 12
 
 
-def test_single_mode_is_easy_with_one_shape_in_the_asked_about_image(tmp_path):
-    make_dataset("rec", tmp_path, n=30, seed=0, difficulty="single")
-    for split in ("train", "test_ood"):
-        for record in _records(tmp_path / f"{split}.jsonl"):
-            assert Image.open(tmp_path / record["image"]).size == (112, 112)
-            (only,) = record["objects"][0]
-            assert json.loads(record["conversations"][1]["value"]) == only["bbox_2d"]
-            assert record["expression"] == f"the {only['label']}"
-            pixels = Image.open(tmp_path / record["image"]).convert("L")
-            assert pixels.getpixel((0, 0)) < pixels.getpixel((111, 0)) < pixels.getpixel((111, 111))  # gradient
-    make_dataset("ovd", tmp_path / "ovd", n=10, seed=0, difficulty="single")
-    for record in _records(tmp_path / "ovd" / "train.jsonl"):
-        assert len(record["objects"][record["target_image"]]) == 1
-
-
 def test_generated_files_pass_the_loader(rec_dir, ovd_dir):
     samples = load_samples(DataConfig(files=[str(rec_dir / "train.jsonl"), str(ovd_dir / "test_ood.jsonl")],
                                       image_folders=[str(rec_dir), str(ovd_dir)]))

@@ -26,7 +26,7 @@ def test_the_log_line_says_where_the_value_came_from():
     assert describe_box_space("abs", "abs", "qwen2_5_vl") == "box_space: abs (set in the config)"
 
 
-@pytest.mark.parametrize("difficulty", ["easy", "single", "normal"])
+@pytest.mark.parametrize("difficulty", ["easy", "normal"])
 def test_synthetic_images_are_not_resized_so_auto_scores_the_demo_as_abs(tiny_qwen2_5_vl, tmp_path, difficulty):
     # box_space: auto is "resized" for Qwen2.5-VL; the synthetic images (sides multiples of 28, <= 224) reach the
     # tiny model at their own size, so resized pixels are original pixels and the demo's boxes score unchanged.
