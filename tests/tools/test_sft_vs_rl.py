@@ -73,7 +73,7 @@ def test_shortened_experiment_writes_a_report_from_eval_reports(tiny_qwen2_5_vl,
            "EVAL_EVERY": "1", "N": "8", "N_TEST": "2", "WARMUP_STEPS": "1", "WARMUP_PROMPTS": "2", "PROMPTS": "2",
            "MICRO": "4", "GROUP": "2", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(["bash", str(ROOT / "examples" / "sft_vs_rl.sh")], env=env, capture_output=True,
-                          text=True, timeout=1800)
+                          text=True, timeout=840)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     # Two REC arms and two OVD arms, each at step 0 (the shared start) and step 1.
     assert _check_against_sources(out) == 8
