@@ -7,8 +7,11 @@ This mirrors VLM-R1's ``grpo_jsonl.py`` so that the files its users already have
   folders are given);
 * the *problem* is the human turn without its ``<image>`` placeholders; the *solution* is the gpt turn with any
   ``<answer>`` tags removed and re-wrapped as ``<answer> ... </answer>``;
-* ``accu_reward_method`` comes from the file's entry in ``reward_methods`` (default ``"default"``) unless the line
-  carries its own;
+* ``accu_reward_method`` comes from the file's entry in ``reward_methods`` (default ``"default"``; ``"iou"`` for
+  VLM-R1's REC ``.json`` / data ``.yaml`` files, which ``grpo_rec.py`` scores by IoU) unless the line carries its
+  own; every name is checked against the ``accuracy`` reward's methods when the data is loaded;
+* besides jsonl, ``files`` may name VLM-R1's REC recipe format — a ``.json`` array of ``{image, problem, solution}``
+  records or a data ``.yaml`` listing such files (``rec_json.py``);
 * the user message holds one image entry per image, then the question wrapped in the task's template
   (``templates.py``); a line's own ``task`` key overrides the configured task;
 * every other key of a line (``normal_caption``, ``objects``, ...) is kept as an extra field for rewards.
@@ -22,13 +25,16 @@ from typing import Any, Mapping
 
 from megatron_vlmr1.data.iterator import BatchIterator
 from megatron_vlmr1.data.messages import ChatMessage, build_messages
+from megatron_vlmr1.data.rec_json import read_data_yaml, read_rec_json, sample_rows
 from megatron_vlmr1.data.schema import IMAGE_TOKEN, Row, read_jsonl
 from megatron_vlmr1.data.templates import format_question, question_template
+from megatron_vlmr1.rewards.text import accuracy_methods
 
 # Keys that the loader turns into Sample fields; everything else in a line is an extra field.
 RESERVED_KEYS = frozenset({"id", "image", "conversations", "accu_reward_method", "task"})
 # Reward field names the loader fills itself; a line's own key of such a name is replaced (with a warning).
 REWARD_FIELD_NAMES = frozenset({"solution", "problem", "image_path", "image_sizes", "source"})
+REC_JSON_SUFFIXES = (".json", ".yaml", ".yml")  # VLM-R1's REC recipe format (rec_json.py)
 
 
 def split_paths(entries: list[str]) -> list[str]:
@@ -40,7 +46,7 @@ def split_paths(entries: list[str]) -> list[str]:
 class DataConfig:
     """Where prompts come from and how they are worded. ``files`` pair with ``image_folders`` in order."""
 
-    files: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)  # .jsonl, or VLM-R1 REC .json / data .yaml (rec_json.py)
     image_folders: list[str] = field(default_factory=list)  # empty: each file's own folder
     reward_methods: list[str] = field(default_factory=list)  # per-file accu_reward_method; empty: "default"
     task: str = "default"  # template: default | rec | ovd (= odLength) | ic
@@ -63,6 +69,10 @@ class DataConfig:
         if self.reward_methods and len(self.reward_methods) != len(self.files):
             raise ValueError(f"data.reward_methods has {len(self.reward_methods)} entries but data.files has "
                              f"{len(self.files)}; they pair up in order")
+        unknown = [m for m in self.reward_methods if m not in accuracy_methods()]
+        if unknown:
+            raise ValueError(f"data.reward_methods: unknown accu_reward_method(s) {unknown}; known: "
+                             f"{accuracy_methods()}")
         try:
             question_template(self.task)
         except ValueError as err:
@@ -79,7 +89,7 @@ class DataConfig:
     def sources(self) -> list[tuple[str, str, str]]:
         """(jsonl file, image folder, reward method) triples."""
         folders = self.image_folders or [str(Path(f).parent) for f in self.files]
-        methods = self.reward_methods or ["default"] * len(self.files)
+        methods = self.reward_methods or ["iou" if f.endswith(REC_JSON_SUFFIXES) else "default" for f in self.files]
         return list(zip(self.files, folders, methods))
 
 
@@ -148,14 +158,32 @@ def row_to_sample(row: Row, cfg: DataConfig, reward_method: str) -> Sample:
     )
 
 
+def read_rows(path: str, folder: str, cfg: DataConfig) -> list[Row]:
+    """Validated rows of one ``data.files`` entry: a jsonl file, a VLM-R1 REC ``.json``, or a data ``.yaml``.
+
+    For a YAML, an entry's own ``image_folder`` wins, then the paired ``data.image_folders`` entry (VLM-R1's
+    ``--image_root``), then the ``.json`` file's folder.
+    """
+    checks = dict(min_image_side=cfg.min_image_side, max_errors=cfg.max_errors, verify_images=cfg.verify_images)
+    if path.endswith(".json"):
+        return read_rec_json(path, folder, **checks)
+    if not path.endswith((".yaml", ".yml")):
+        return read_jsonl(path, folder, **checks)
+    rows = []
+    for source in read_data_yaml(path):
+        root = source.image_folder or (folder if cfg.image_folders else str(Path(source.json_path).parent))
+        rows.extend(sample_rows(read_rec_json(source.json_path, root, **checks), source.sampling_strategy, cfg.seed,
+                                source.where))
+    return rows
+
+
 def load_samples(cfg: DataConfig) -> list[Sample]:
     """Validate every file up front (raising one ``ValueError`` per file), then build samples in file order."""
     if not cfg.files:
         raise ValueError("data.files is empty: give at least one jsonl file")
     samples: list[Sample] = []
     for path, folder, method in cfg.sources():
-        rows = read_jsonl(path, folder, min_image_side=cfg.min_image_side, max_errors=cfg.max_errors,
-                          verify_images=cfg.verify_images)
+        rows = read_rows(path, folder, cfg)
         samples.extend(row_to_sample(row, cfg, method) for row in rows)
         shadowing = [row.source for row in rows if REWARD_FIELD_NAMES & set(row.record)]
         if shadowing:

@@ -12,11 +12,12 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterable, Iterator, Union
 
 from PIL import Image
 
 from megatron_vlmr1.data.templates import known_tasks
+from megatron_vlmr1.rewards.text import accuracy_methods
 
 IMAGE_TOKEN = "<image>"  # VLM-R1's marker for "an image goes here" in a question
 ImageInput = Union[str, os.PathLike, Image.Image]
@@ -57,6 +58,9 @@ def _record_problems(record: Any) -> list[str]:
             problems.append(f"'{key}' must be a non-empty string, got {record[key]!r}")
     if "task" in record and isinstance(record["task"], str) and record["task"] not in known_tasks():
         problems.append(f"unknown task {record['task']!r}; known: {known_tasks()}")
+    method = record.get("accu_reward_method")
+    if isinstance(method, str) and method and method not in accuracy_methods():
+        problems.append(f"unknown accu_reward_method {method!r}; known: {accuracy_methods()}")
     if "conversations" not in record:
         return problems + ["missing key 'conversations'"]
     turns = record["conversations"]
@@ -109,24 +113,20 @@ def jsonl_lines(path: Path) -> Iterator[tuple[str, Any, str | None]]:
                 yield where, None, f"malformed JSON ({err.msg} at column {err.colno})"
 
 
-def read_jsonl(path: str | Path, image_folder: str | Path, *, min_image_side: int = 28, max_errors: int = 20,
-               verify_images: bool = True) -> list[Row]:
-    """Parse and check one VLM-R1 jsonl file; raise one ``ValueError`` listing its problems (at most ``max_errors``).
+def check_records(path: Path, folder: Path, entries: Iterable[tuple[str, Any, str | None]], *, min_image_side: int,
+                  max_errors: int, verify_images: bool) -> list[Row]:
+    """Validate ``(where, record, parse error)`` entries of one file; raise one ``ValueError`` listing its problems.
 
-    Images smaller than ``min_image_side`` on a side are not errors: like VLM-R1 they are upscaled on load
-    (``load_image``), and a warning names each such file. Blank lines are skipped.
+    The checks every reader shares (jsonl lines, VLM-R1 REC json records): record structure, then every image.
     """
-    path, folder = Path(path), Path(image_folder)
-    if not path.is_file():
-        raise ValueError(f"data file not found: {path}")
     rows: list[Row] = []
     errors: list[str] = []
-    for where, record, problem in jsonl_lines(path):
+    for where, record, parse_error in entries:
         if len(errors) >= max_errors:
             errors.append(f"{path}: stopped after {max_errors} problems")
             break
-        if problem is not None:
-            errors.append(f"{where}: {problem}")
+        if parse_error is not None:
+            errors.append(f"{where}: {parse_error}")
             continue
         problems = _record_problems(record)
         if problems:
@@ -142,7 +142,7 @@ def read_jsonl(path: str | Path, image_folder: str | Path, *, min_image_side: in
             if min(size) < min_image_side:
                 warnings.warn(f"{where}: image {image_path} is {size[0]}x{size[1]}, below the minimum side "
                               f"{min_image_side}; it is upscaled on load (shorter side to {min_image_side}, "
-                              "aspect kept), as VLM-R1 does", stacklevel=2)
+                              "aspect kept), as VLM-R1 does", stacklevel=3)
             paths.append(str(image_path))
             sizes.append(size)
         if len(paths) == len(image_list(record)):
@@ -150,6 +150,20 @@ def read_jsonl(path: str | Path, image_folder: str | Path, *, min_image_side: in
     if errors:
         raise ValueError(f"{len(errors)} problem(s) in {path}:\n" + "\n".join(errors))
     return rows
+
+
+def read_jsonl(path: str | Path, image_folder: str | Path, *, min_image_side: int = 28, max_errors: int = 20,
+               verify_images: bool = True) -> list[Row]:
+    """Parse and check one VLM-R1 jsonl file; raise one ``ValueError`` listing its problems (at most ``max_errors``).
+
+    Images smaller than ``min_image_side`` on a side are not errors: like VLM-R1 they are upscaled on load
+    (``load_image``), and a warning names each such file. Blank lines are skipped.
+    """
+    path, folder = Path(path), Path(image_folder)
+    if not path.is_file():
+        raise ValueError(f"data file not found: {path}")
+    return check_records(path, folder, jsonl_lines(path), min_image_side=min_image_side, max_errors=max_errors,
+                         verify_images=verify_images)
 
 
 def upscale_to_min_side(image: Image.Image, min_side: int) -> Image.Image:

@@ -100,7 +100,8 @@ class EvalConfig:
     ``predictions``: jsonl with ``id``, ``completion`` and optional ``split`` / ``image_size`` / ``resized_size``;
     without it, the command line runs ``model`` and writes ``predictions.jsonl`` beside ``output`` (library callers
     may pass a ``generate`` callable instead). ``batch_size``: prompts per generation call (and engine batch).
-    ``box_space``: coordinate space of predicted REC boxes (see ``megatron_vlmr1.rewards.boxes``).
+    ``box_space``: coordinate space of predicted REC boxes (see ``megatron_vlmr1.rewards.boxes``); ``auto`` (the
+    default, as in training) is the convention of ``model.path``'s family, or ``abs`` when no model is given.
     """
 
     task: Literal["rec", "ovd"] = "rec"
@@ -108,7 +109,7 @@ class EvalConfig:
     predictions: str | None = None
     output: str = "eval_report.json"
     iou_threshold: float = 0.5
-    box_space: Literal["abs", "resized", "norm1000"] = "abs"
+    box_space: Literal["auto", "abs", "resized", "norm1000"] = "auto"
     batch_size: int = 8
     model: EvalModelConfig = field(default_factory=EvalModelConfig)
 
@@ -129,8 +130,8 @@ class EvalConfig:
                 raise ValueError(f"eval: task 'ovd' needs 'coco_gt' (COCO ground-truth json) for split(s) {missing}")
         if not 0.0 <= self.iou_threshold < 1.0:
             raise ValueError(f"eval: 'iou_threshold' must be in [0, 1), got {self.iou_threshold}")
-        if self.box_space not in BOX_SPACES:
-            raise ValueError(f"eval: 'box_space' must be one of {list(BOX_SPACES)}, got {self.box_space!r}")
+        if self.box_space not in ("auto", *BOX_SPACES):
+            raise ValueError(f"eval: 'box_space' must be one of {['auto', *BOX_SPACES]}, got {self.box_space!r}")
         if self.batch_size < 1:
             raise ValueError(f"eval: 'batch_size' must be >= 1, got {self.batch_size}")
         if not self.output:

@@ -44,8 +44,23 @@ def generate_predictions(
     return predictions
 
 
+def eval_box_space(cfg: EvalConfig) -> tuple[str, str]:
+    """(resolved box space, a log line): ``auto`` asks ``model.path``'s family, as training does; no model → ``abs``."""
+    from megatron_vlmr1.vlm.box_space import AUTO, describe_box_space, resolve_box_space
+
+    if cfg.box_space != AUTO or cfg.model.path is None:
+        resolved = "abs" if cfg.box_space == AUTO else cfg.box_space
+        return resolved, describe_box_space(cfg.box_space, resolved, None)
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(cfg.model.path)
+    resolved = resolve_box_space(AUTO, hf_config)
+    return resolved, describe_box_space(AUTO, resolved, hf_config.model_type)
+
+
 def evaluate(cfg: EvalConfig, generate: Generate | None = None) -> dict[str, Any]:
     """The evaluation report (a JSON-ready dict) of every configured split."""
+    box_space, _ = eval_box_space(cfg)
     split_samples = {split.name: load_split(split.data) for split in cfg.splits}
     if cfg.predictions is not None:
         by_key = load_predictions(cfg.predictions, [s.name for s in cfg.splits])
@@ -69,14 +84,14 @@ def evaluate(cfg: EvalConfig, generate: Generate | None = None) -> dict[str, Any
     for split in cfg.splits:
         samples, preds = split_samples[split.name], predictions[split.name]
         if cfg.task == "rec":
-            splits[split.name] = score_rec_split(samples, preds, cfg.iou_threshold, cfg.box_space, split.image_root)
+            splits[split.name] = score_rec_split(samples, preds, cfg.iou_threshold, box_space, split.image_root)
         else:
             assert split.coco_gt is not None
             splits[split.name] = score_ovd_split(samples, preds, split.coco_gt)
     report: dict[str, Any] = {
         "task": cfg.task,
         "predictions": cfg.predictions,
-        "settings": {"iou_threshold": cfg.iou_threshold, "box_space": cfg.box_space},
+        "settings": {"iou_threshold": cfg.iou_threshold, "box_space": box_space},
         "splits": splits,
     }
     if cfg.task == "rec":
@@ -125,6 +140,7 @@ def main(argv: list[str] | None = None, generate: Generate | None = None) -> int
 
             cfg = dataclasses.replace(cfg, predictions=str(generate_predictions_file(cfg)))
             print(f"predictions: {cfg.predictions}")
+        print(eval_box_space(cfg)[1])
         report = evaluate(cfg, generate)
         write_report(report, cfg.output)
     except ValueError as err:

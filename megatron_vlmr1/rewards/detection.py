@@ -8,7 +8,10 @@ OVD rules (VLM-R1's semantics, made explicit):
 
 - labels are compared after ``strip().lower()``; a predicted label that is not among the ground-truth labels is
   dropped before COCO evaluation (it cannot be scored against a category that does not exist);
-- no ground-truth and no predicted boxes → 1.0; exactly one side empty → 0.0; an unparseable answer → 0.0;
+- no ground-truth boxes: 1.0 only for an answer block that explicitly says "nothing" (``None`` / ``[]``, see
+  ``says_no_objects``); an empty completion, or one without ``<answer>``, scores 0.0 (else the policy learns that
+  saying nothing is free on every "None" sample); ground truth present but no predicted boxes → 0.0; an unparseable
+  answer → 0.0;
 - ``map_len`` multiplies AP@[.5:.95] by ``min(1, L_gt / L_pred)`` where ``L_pred`` counts every valid predicted box,
   including dropped labels, so padding the answer with junk labels is still penalised;
 - COCO evaluation keeps at most 100 detections per category (pycocotools' ``maxDets``); all scores are 1.0, so
@@ -20,7 +23,8 @@ from typing import Any
 
 from megatron_vlmr1.rewards.boxes import box_iou, greedy_match, iou_matrix, to_original_space
 from megatron_vlmr1.rewards.coco import coco_bbox_ap, coco_from_dataset, xyxy_to_xywh
-from megatron_vlmr1.rewards.parsing import LabeledBox, boxes_from_json, first_box, parse_boxes, reference_boxes
+from megatron_vlmr1.rewards.parsing import (LabeledBox, boxes_from_json, first_box, parse_boxes, reference_boxes,
+                                            says_no_objects)
 from megatron_vlmr1.rewards.registry import register_sample_reward
 
 WEIGHTED_SUM_IOU = 0.5
@@ -100,13 +104,11 @@ def single_image_ap(preds: list[LabeledBox], gts: list[LabeledBox]) -> tuple[flo
 
 
 def _ovd_score(text: str, solution: Any, use_ap50: bool, length_penalty: bool) -> float:
-    preds = parse_boxes(text)
-    if preds is None:
-        return 0.0
     gts = ovd_ground_truth(solution)
-    if not preds and not gts:
-        return 1.0
-    if not preds or not gts:
+    if not gts:
+        return 1.0 if says_no_objects(text) else 0.0
+    preds = parse_boxes(text)
+    if not preds:
         return 0.0
     ap, ap50 = single_image_ap(preds, gts)
     score = ap50 if use_ap50 else ap
@@ -141,12 +143,10 @@ def weighted_sum_reward(text: str, /, solution: Any = None, **_: Any) -> float:
     both boxes); completeness = 1 - (missed GT fraction + unmatched prediction fraction) / 2. Matching ignores
     labels, as in VLM-R1's ``detection_score``.
     """
-    preds = parse_boxes(text)
-    if preds is None:
-        return 0.0
     gts = ovd_ground_truth(solution)
     if not gts:
-        return 1.0 if not preds else 0.0
+        return 1.0 if says_no_objects(text) else 0.0
+    preds = parse_boxes(text)
     if not preds:
         return 0.0
     matches = greedy_match(iou_matrix([p.box for p in preds], [g.box for g in gts]), WEIGHTED_SUM_IOU)

@@ -177,6 +177,26 @@ def parse_boxes(text: str) -> list[LabeledBox] | None:
     return None if value is None else boxes_from_json(value)
 
 
+def says_no_objects(text: str) -> bool:
+    """True when the completion's ``<answer>`` block explicitly says there is nothing: ``None`` / ``null`` / ``[]``.
+
+    Only an explicit answer counts: no answer block, an empty one, or prose is not "no objects" (an OVD reward
+    that scored those 1.0 on a "None" sample would pay the policy for saying nothing).
+    """
+    answer = extract_answer(text)
+    if answer is None:
+        return False
+    body = _strip_code_fence(answer[:MAX_PARSE_CHARS]).strip()
+    if body.lower() in ("none", "null"):
+        return True
+    if not body.startswith("["):
+        return False
+    try:
+        return json.loads(body) == []
+    except (ValueError, RecursionError):
+        return False
+
+
 def first_box(text: str) -> Box | None:
     """The first box of an answer: from its JSON when that parses, else the first ``[a, b, c, d]`` in the text."""
     answer = answer_or_text(text)[:MAX_PARSE_CHARS]

@@ -6,6 +6,7 @@ are read from the last ``<answer>...</answer>`` block when present, else from th
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 import threading
@@ -13,12 +14,12 @@ from typing import Any
 
 from megatron_vlmr1.rewards import detection
 from megatron_vlmr1.rewards.parsing import (
+    MAX_BOXES,
     MAX_TEXT_CHARS,
     answer_or_text,
     boxes_from_json,
     extract_answer,
     normalize_text,
-    parse_boxes,
     parse_json_value,
 )
 from megatron_vlmr1.rewards.registry import RewardFieldError, register_sample_reward
@@ -202,30 +203,54 @@ ACCURACY_METHODS = {
     "fuzzy": fuzzy_reward,
     "iou": detection.iou_reward,
     "map": detection.ap_reward,
+    "ap": detection.ap_reward,
     "od_ap": detection.ap_reward,
+    "ap50": detection.ap50_reward,
     "od_ap50": detection.ap50_reward,
+    "map_len": detection.map_len_reward,
     "odLength": detection.map_len_reward,
     "weighted_sum": detection.weighted_sum_reward,
 }
+
+
+def accuracy_methods() -> list[str]:
+    """The names ``accu_reward_method`` may take (the data loader checks every line against these)."""
+    return sorted(ACCURACY_METHODS)
 
 
 @register_sample_reward("accuracy")
 def accuracy_reward(text: str, /, accu_reward_method: str | None = None, **sample: Any) -> float:
     """The accuracy reward chosen per sample by ``accu_reward_method`` (VLM-R1's column; missing → ``default``).
 
-    Methods: see ``ACCURACY_METHODS`` (VLM-R1's names, including ``od_ap`` / ``od_ap50`` / ``odLength``).
+    Methods: see ``ACCURACY_METHODS`` — VLM-R1's names (``od_ap`` / ``od_ap50`` / ``odLength``) and ours, the
+    reward names (``ap`` / ``ap50`` / ``map_len``), which the README and ``make_synthetic_data.py`` write.
     """
     method = accu_reward_method or "default"
     if method not in ACCURACY_METHODS:
-        raise RewardFieldError(f"accu_reward_method {method!r} is unknown; known: {sorted(ACCURACY_METHODS)}")
+        raise RewardFieldError(f"accu_reward_method {method!r} is unknown; known: {accuracy_methods()}")
     return ACCURACY_METHODS[method](text, **sample)
 
 
+def _detection_units(text: str) -> list[tuple[Any, Any]] | None:
+    """(box, label) pairs when the answer is an OVD list of ``{"bbox_2d", "label"}`` objects, else ``None``."""
+    value = parse_json_value(answer_or_text(text))
+    if not isinstance(value, list) or not value or len(value) > MAX_BOXES:
+        return None
+    if not all(isinstance(item, dict) and "bbox_2d" in item and "label" in item for item in value):
+        return None
+    return [(json.dumps(item["bbox_2d"]), json.dumps(item["label"])) for item in value]
+
+
 def _repetition_units(text: str) -> tuple[list[Any], int]:
-    """(units, n): detection answers repeat whole boxes (1-grams of (box, label)); prose repeats word 6-grams."""
-    boxes = parse_boxes(text)
-    if boxes:
-        return [(b.box, b.label) for b in boxes], 1
+    """(units, n): an OVD answer repeats whole objects (1-grams of (box, label)); anything else word 6-grams.
+
+    As in VLM-R1's ``repetition_reward``: only a list of ``{bbox_2d, label}`` objects is scored by duplicated
+    objects; everything else — prose, a REC box, a looping ``<think>`` before any answer — by repeated word
+    n-grams over the whole completion, so a single-box answer cannot hide a loop in the reasoning.
+    """
+    objects = _detection_units(text)
+    if objects is not None:
+        return objects, 1
     return text.lower().split()[:REPETITION_MAX_WORDS], REPETITION_NGRAM
 
 
@@ -233,8 +258,9 @@ def _repetition_units(text: str) -> tuple[list[Any], int]:
 def repetition_reward(text: str, /, **_: Any) -> float:
     """``-(1 - unique n-grams / all n-grams)`` in [-1, 0]: 0 for no repetition, towards -1 for a loop.
 
-    Prose uses word 6-grams over the first ``REPETITION_MAX_WORDS`` words (shorter texts score 0); a detection
-    answer uses its boxes as 1-grams, so a duplicated box is a repetition.
+    Text uses word 6-grams over the first ``REPETITION_MAX_WORDS`` words of the whole completion (shorter texts
+    score 0); an OVD answer (a list of ``{bbox_2d, label}`` objects) uses its objects as 1-grams, so a duplicated
+    object is a repetition (``_repetition_units``).
     """
     units, n = _repetition_units(text)
     if len(units) < n:

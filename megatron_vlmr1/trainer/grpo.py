@@ -37,8 +37,9 @@ class GRPORunConfig:
     train: LoopConfig = dataclasses.field(default_factory=LoopConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     # The coordinate space the policy's boxes are in: "abs" (original-image pixels), "resized" (pixels of the image
-    # the processor fed the model: Qwen2.5-VL's grounding convention) or "norm1000" (Qwen2-VL). Box rewards rescale.
-    box_space: Literal["abs", "resized", "norm1000"] = "abs"
+    # the processor fed the model: Qwen2.5-VL's grounding convention) or "norm1000" (Qwen2-VL, InternVL). Box rewards
+    # rescale. "auto": the model family's own convention (vlm/box_space.py), resolved and saved when training starts.
+    box_space: Literal["auto", "abs", "resized", "norm1000"] = "auto"
 
     def __post_init__(self):
         if not self.model.path:
@@ -74,6 +75,7 @@ class GRPOTrainer(TrainingSession):
         from megatron_vlmr1.rewards import combine_rewards
         from megatron_vlmr1.trainer.policy import AdapterFreeReference, ScoringModel
 
+        self.resolve_box_space()
         self.algo = cfg.algo
         self.reward_fn = combine_rewards([(r.name, r.weight) for r in cfg.rewards])
         self.reward_names = [r.name for r in cfg.rewards]
@@ -102,6 +104,17 @@ class GRPOTrainer(TrainingSession):
         router = RolloutRouter(RankCoord(env.dp_rank, env.pp_rank, env.tp_rank), rollout_tp, env.dp_group, env.dp,
                                env.device)
         return engine, router
+
+    def resolve_box_space(self) -> None:
+        """Replace ``box_space: auto`` by the family's space; log it and store it in the saved config."""
+        from megatron_vlmr1.config import save_config
+        from megatron_vlmr1.vlm.box_space import describe_box_space, resolve_box_space
+
+        configured = self.cfg.box_space
+        self.cfg.box_space = resolve_box_space(configured, self.hf_config)
+        if self.env.is_logging_rank:
+            print(describe_box_space(configured, self.cfg.box_space, self.hf_config.model_type), flush=True)
+            save_config(self.cfg, self.output_dir / "config.yaml")
 
     # -- phases ------------------------------------------------------------------------------------------------
     def sync_weights(self, traffic=None) -> int:

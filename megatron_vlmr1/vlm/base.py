@@ -209,6 +209,11 @@ class VLMFamily(abc.ABC):
         vocab = tokenizer.get_vocab()
         return sorted(vocab[token] for token in self.vision_placeholders if token in vocab)
 
+    def default_box_space(self, model_type: str) -> str:
+        """The coordinate space this family's ``model_type`` answers boxes in (``rewards.boxes``): 0-1000 unless
+        the family says otherwise (Qwen2-VL and InternVL ground in ``norm1000``)."""
+        return "norm1000"
+
 
 def owning_pp_rank(mcore_name: str, num_layers: int, pp_size: int) -> int:
     """Pipeline stage holding a global megatron name: vision + embeddings on the first, head on the last, layers

@@ -88,6 +88,7 @@ def test_yaml_and_dotted_overrides(two_sources, tmp_path):
 @pytest.mark.parametrize("kwargs, message", [
     ({"files": ["a", "b"], "reward_methods": ["iou"]}, "data.reward_methods has 1 entries"),
     ({"task": "segmentation"}, "data.task: unknown task 'segmentation'"),
+    ({"files": ["a", "b"], "reward_methods": ["iou", "mAP"]}, "data.reward_methods: unknown accu_reward_method"),
     ({"template": "no placeholder"}, "data.template must contain '{Question}'"),
     ({"max_samples": 0}, "data.max_samples must be >= 1"),
     ({"min_image_side": 0}, "data.min_image_side"),

@@ -73,6 +73,7 @@ def test_good_file_single_multi_and_text_only(folder):
     (_line(image="a.png", id=[1]), "'id' must be a string or an integer"),
     (_line(image="a.png", accu_reward_method=3), "'accu_reward_method' must be a non-empty string"),
     (_line(image="a.png", task="segmentation"), "unknown task 'segmentation'"),
+    (_line(image="a.png", accu_reward_method="mapp"), "unknown accu_reward_method 'mapp'; known: ["),
     (_line(image="missing.png"), "image not found"),
     (_line(image="truncated.png"), "cannot read image"),
     (_line(image="not_an_image.png"), "cannot read image"),
@@ -88,6 +89,12 @@ def test_each_bad_line_is_reported_with_file_and_line(folder, line, message):
     assert len(problems) == 1, problems
     assert problems[0].startswith(f"{path}:2: "), problems
     assert message in problems[0], problems
+
+
+@pytest.mark.parametrize("method", ["map_len", "odLength", "iou", "default", "od_ap50", "weighted_sum"])
+def test_known_accu_reward_methods_pass_validation(folder, method):
+    rows = read_jsonl(_write(folder, [_line(image="a.png", accu_reward_method=method)]), folder)
+    assert rows[0].record["accu_reward_method"] == method
 
 
 def test_all_problems_of_a_file_in_one_error_up_to_the_cap(folder):

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from megatron_vlmr1.eval.config import EvalConfig, SplitConfig
+from megatron_vlmr1.eval.config import EvalConfig, EvalModelConfig, SplitConfig
 from megatron_vlmr1.eval.io import write_report
 from megatron_vlmr1.eval.run import evaluate, format_table, load_eval_config, main
 
@@ -115,6 +115,29 @@ def test_rec_box_spaces_read_the_image_size_from_prediction_data_or_image(tmp_pa
         evaluate(no_size)
 
 
+def test_box_space_auto_follows_the_models_family_as_training_does(tmp_path):
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    one = write_jsonl(tmp_path / "d1.jsonl", [rec_sample("s0", [20, 20, 40, 40], image_size=[200, 100])])
+    preds = write_jsonl(tmp_path / "q.jsonl", [
+        {"id": "s0", "completion": "<answer>[10, 10, 20, 20]</answer>", "resized_size": [100, 50]}])
+    split = [SplitConfig("t", one)]
+    # No model to ask: the predictions are read as original-image pixels.
+    report = evaluate(EvalConfig(splits=split, predictions=preds, output=str(tmp_path / "r.json")))
+    assert report["settings"]["box_space"] == "abs" and report["splits"]["t"]["records"][0]["iou"] == 0.0
+    Qwen2_5_VLConfig().save_pretrained(tmp_path / "qwen25")
+    Qwen2VLConfig().save_pretrained(tmp_path / "qwen2")
+    for model, space, iou in [("qwen25", "resized", 1.0), ("qwen2", "norm1000", 0.0)]:
+        cfg = EvalConfig(splits=split, predictions=preds, output=str(tmp_path / "r.json"),
+                         model=EvalModelConfig(path=str(tmp_path / model)))
+        report = evaluate(cfg)
+        assert report["settings"]["box_space"] == space
+        assert report["splits"]["t"]["records"][0]["iou"] == pytest.approx(iou, abs=0.05)
+    explicit = EvalConfig(splits=split, predictions=preds, output=str(tmp_path / "r.json"), box_space="abs",
+                          model=EvalModelConfig(path=str(tmp_path / "qwen25")))
+    assert evaluate(explicit)["settings"]["box_space"] == "abs"
+
+
 # ---------------------------------------------------------------- OVD
 
 
@@ -209,9 +232,10 @@ def test_cli_prints_a_table(rec_files, capsys):
     assert main(["--config", str(config), "--predictions", preds, "--output", str(tmp_path / "r.json"),
                  "iou_threshold=0.1"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["split", "n", "missing", "acc@0.1", "mean_iou"]
-    assert lines[1].split() == ["a", "5", "1", "0.6000", "0.3286"]
-    assert lines[2].split() == ["b", "2", "0", "1.0000", "0.8750"]
+    assert lines[0] == "box_space: abs (auto, no model to ask: original-image pixels)"
+    assert lines[1].split() == ["split", "n", "missing", "acc@0.1", "mean_iou"]
+    assert lines[2].split() == ["a", "5", "1", "0.6000", "0.3286"]
+    assert lines[3].split() == ["b", "2", "0", "1.0000", "0.8750"]
 
 
 @pytest.mark.parametrize(

@@ -146,6 +146,18 @@ def test_ovd_empty_cases():
         assert score(name, "<answer>garbage</answer>", solution="<answer>None</answer>") == 0.0, name
 
 
+@pytest.mark.parametrize("name", ["ap", "ap50", "map_len", "weighted_sum"])
+def test_ovd_none_ground_truth_needs_an_explicit_empty_answer(name):
+    for truth in ("<answer>None</answer>", "<answer> [] </answer>", [], None):
+        for explicit in ("<answer>[]</answer>", "<think>t</think><answer> null </answer>",
+                         "<answer>```json\n[]\n```</answer>", "<answer>none</answer>"):
+            assert score(name, explicit, solution=truth) == 1.0, (name, truth, explicit)
+        # Saying nothing is not saying "nothing": no completion, no answer block, an empty or prose answer.
+        for silent in ("", "   ", "<think>no idea</think>", "[]", "None", "<answer></answer>",
+                       "<answer>nothing here</answer>", "<answer>[[]]</answer>", "<answer>" + "[" * 5000 + "</answer>"):
+            assert score(name, silent, solution=truth) == 0.0, (name, truth, silent)
+
+
 def test_ap_hand_values():
     assert score("ap", ovd_answer([CAT]), solution=ovd_answer([CAT])) == pytest.approx(1.0)
     # IoU 0.64 matches at thresholds 0.50, 0.55, 0.60 out of ten → AP@[.5:.95] = 0.3, AP50 = 1.

@@ -119,6 +119,19 @@ def test_accuracy_dispatches_on_accu_reward_method():
     assert score("accuracy", "<answer>kitten</answer>", solution="sitting") == pytest.approx(8 / 13)
 
 
+def test_accuracy_accepts_our_ovd_names_and_vlm_r1s():
+    cat, dog = {"bbox_2d": [0, 0, 10, 10], "label": "cat"}, {"bbox_2d": [20, 20, 30, 30], "label": "dog"}
+    answer = "<answer>" + json.dumps([cat, dog]) + "</answer>"
+    solution = "<answer>" + json.dumps([cat]) + "</answer>"
+    # AP is 1.0 (the only GT box is found); two predictions for one GT halve it under the redundancy penalty.
+    for method in ("map_len", "odLength"):
+        assert score("accuracy", answer, solution=solution, accu_reward_method=method) == pytest.approx(0.5), method
+    for method in ("ap", "od_ap", "map", "ap50", "od_ap50"):
+        assert score("accuracy", answer, solution=solution, accu_reward_method=method) == pytest.approx(1.0), method
+    with pytest.raises(ValueError, match="accu_reward_method 'mapp' is unknown"):
+        score("accuracy", answer, solution=solution, accu_reward_method="mapp")
+
+
 def test_repetition():
     assert score("repetition", "a b c d e f g") == 0.0  # two distinct 6-grams
     assert score("repetition", "a a a a a a a a") == pytest.approx(-2 / 3)  # three 6-grams, one distinct
@@ -126,6 +139,38 @@ def test_repetition():
     box = {"bbox_2d": [1, 2, 3, 4], "label": "x"}
     other = {"bbox_2d": [5, 6, 7, 8], "label": "x"}
     assert score("repetition", "<answer>" + json.dumps([box, box, other]) + "</answer>") == pytest.approx(-1 / 3)
+
+
+def test_repetition_scores_a_looping_think_even_with_one_rec_box():
+    # Words: "<think>i", 1599 loop words, then '</think><answer>{"bbox_2d":' and the box's 4 words: 1605 words,
+    # 1600 6-grams. Distinct: the loop's 4 (period 4), the one holding "<think>i", and the 5 holding the
+    # "</think>..." word (the answer's words only occur after it) → 10.
+    loop = "<think>" + "I will look again. " * 400 + "</think>"
+    rec = '<answer>{"bbox_2d": [1, 2, 3, 4]}</answer>'
+    assert score("repetition", loop + rec) == pytest.approx(10 / 1600 - 1)
+    # A bare box: "</think><answer>[1," and 3 more words: 1604 words, 1599 6-grams; only 4 6-grams hold word 1600
+    # (it is 4 words from the end), so 4 + 1 + 4 = 9 distinct.
+    assert score("repetition", loop + "<answer>[1, 2, 3, 4]</answer>") == pytest.approx(9 / 1599 - 1)
+    # A REC box with a short, non-repeating trace is not penalised.
+    assert score("repetition", '<think>the red disc</think><answer>{"bbox_2d": [1, 2, 3, 4]}</answer>') == 0.0
+
+
+def test_repetition_counts_objects_only_for_ovd_lists():
+    box = {"bbox_2d": [1, 2, 3, 4], "label": "x"}
+    # OVD list: 1-grams of objects, the loop in <think> is not scored (VLM-R1 scores the answer's objects only).
+    ovd = "<think>" + "a b " * 20 + "</think><answer>" + json.dumps([box, box]) + "</answer>"
+    assert score("repetition", ovd) == pytest.approx(-1 / 2)
+    # A list of bare boxes or of objects without labels is text: 6-grams over the whole completion.
+    bare = "<answer>" + json.dumps([[1, 2, 3, 4]] * 3) + "</answer>"
+    assert score("repetition", bare) == pytest.approx(len(set(ngrams(bare, 6))) / len(ngrams(bare, 6)) - 1)
+    unlabeled = "<answer>" + json.dumps([{"bbox_2d": [1, 2, 3, 4]}] * 2) + "</answer>"
+    assert score("repetition", unlabeled) == pytest.approx(
+        len(set(ngrams(unlabeled, 6))) / len(ngrams(unlabeled, 6)) - 1)
+
+
+def ngrams(text, n):
+    words = text.lower().split()
+    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
 
 
 def test_cosine_schedule_endpoints():

@@ -30,6 +30,8 @@ def test_grpo_logs_the_contract_and_trainer_matches_rollout_logprobs(tiny_qwen2_
     # step 1: policy == reference, so every KL estimate is exactly zero; on-policy ratios are exactly 1
     assert records[0]["kl"] == 0.0 and records[0]["ratio_mean"] == 1.0 and records[0]["clip_frac"] == 0.0
     assert (tmp_path / "reward_curve.png").exists()
+    # box_space: auto resolves to Qwen2.5-VL's convention and the saved config holds the resolved value
+    assert "box_space: resized" in (tmp_path / "config.yaml").read_text()
 
 
 def test_grpo_mu_and_dynamic_sampling(tiny_qwen2_5_vl, rec_data, tmp_path):

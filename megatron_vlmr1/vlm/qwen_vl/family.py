@@ -37,6 +37,10 @@ class QwenVLFamily(VLMFamily):
     vision_placeholders = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
     min_image_side = 28  # one merged 2x2 group of 14-pixel patches
 
+    def default_box_space(self, model_type: str) -> str:
+        """Qwen2.5-VL grounds in pixels of the resized image it was fed; Qwen2-VL in 0-1000 coordinates."""
+        return "resized" if model_type == "qwen2_5_vl" else "norm1000"
+
     def layout(self, hf_config: PretrainedConfig, tp_size: int = 1, num_query_groups: int | None = None,
                make_vocab_size_divisible_by: int = 128, backend: str = "local") -> weights.QwenLayout:
         return weights.make_layout(hf_config, tp_size, num_query_groups, make_vocab_size_divisible_by,
