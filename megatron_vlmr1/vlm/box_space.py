@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron_vlmr1.vlm.base import get_family
+from megatron_vlmr1.vlm.families import get_family
 
 AUTO = "auto"
 
