@@ -188,7 +188,7 @@ def bench_trainer_path(args) -> None:
     from megatron_vlmr1.trainer.config import ModelConfig, ParallelConfig
     from megatron_vlmr1.parallel import init_parallel, teardown_parallel
     from megatron_vlmr1.trainer.policy import ScoringModel, shifted_targets
-    from megatron_vlmr1.vlm.base import get_family
+    from megatron_vlmr1.vlm.families import get_family
 
     with tempfile.TemporaryDirectory() as tmp:
         path = tiny_model(args.vocab, tmp)
