@@ -180,6 +180,7 @@ def _model_type(hf_config_or_dir: Any) -> str:
 
 def get_family(hf_config_or_dir: Any) -> VLMFamily:
     """The family for a HF config object or model directory, looked up by its ``model_type``."""
+    import megatron_vlmr1.vlm.internvl.family  # noqa: F401  (registers its family)
     import megatron_vlmr1.vlm.qwen_vl.family  # noqa: F401  (registers its family)
 
     model_type = _model_type(hf_config_or_dir)

@@ -50,7 +50,10 @@ def rope_theta(hf_config: Any) -> float:
 
 def transformer_config(hf_config: Any, layout: QwenLayout, params_dtype: torch.dtype = torch.float32,
                        **overrides: Any) -> TransformerConfig:
-    """megatron TransformerConfig for the language model (TP/PP sizes taken from parallel_state)."""
+    """megatron TransformerConfig for the language model (TP/PP sizes taken from parallel_state).
+
+    ``mrope_section`` in ``overrides`` replaces the config's (InternVL's 1-D RoPE runs as one section).
+    """
     text = hf_config_text(hf_config)
     if text.hidden_act != "silu":
         raise ValueError(f"hidden_act={text.hidden_act!r}: only SwiGLU (silu) Qwen models are supported")
@@ -63,7 +66,8 @@ def transformer_config(hf_config: Any, layout: QwenLayout, params_dtype: torch.d
         num_attention_heads=layout.num_heads, num_query_groups=layout.num_query_groups, kv_channels=layout.head_dim,
         normalization="RMSNorm", layernorm_epsilon=text.rms_norm_eps, gated_linear_unit=True,
         activation_func=torch.nn.functional.silu, add_bias_linear=False, add_qkv_bias=True,
-        hidden_dropout=0.0, attention_dropout=0.0, mrope_section=mrope_section(hf_config),
+        hidden_dropout=0.0, attention_dropout=0.0,
+        mrope_section=overrides.pop("mrope_section", None) or mrope_section(hf_config),
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         pipeline_dtype=params_dtype if pp > 1 else None, params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
