@@ -45,7 +45,7 @@ def validate_hf_dir(hf_dir: str) -> None:
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for name, tensor in expected.items():
         name = family.checkpoint_name(name)
-        if tied and name == "lm_head.weight":
+        if tied and name == family.checkpoint_name("lm_head.weight"):
             continue
         if name not in reader:
             raise ValueError(f"{hf_dir}: checkpoint has no tensor {name!r}")

@@ -1,9 +1,13 @@
-"""Build a tiny, randomly initialised Qwen-VL checkpoint in Hugging Face format.
+"""Build a tiny, randomly initialised Qwen-VL or InternVL checkpoint in Hugging Face format.
 
 No weights can be downloaded on CI machines, so every test that needs a vision-language model builds one here with
 the real transformers classes: seeded random weights, a byte-level BPE tokenizer trained on the fly that carries the
-real Qwen special tokens and chat template, and an image processor whose pixel budget turns a 112x112 to 224x224
+real special tokens and chat template, and an image processor whose pixel budget turns a 112x112 to 224x224
 image into 16 to 64 image tokens. The result loads with ``from_pretrained`` (model, ``AutoProcessor``) and in vLLM.
+
+InternVL (``--arch internvl``: transformers' ``InternVLForConditionalGeneration``, InternViT + pixel-shuffle MLP
+projector + Qwen2 language model) tiles images as its processor does: 112x112 tiles (1 to 4 of them, plus a
+thumbnail when there are several), 16 ``<IMG_CONTEXT>`` tokens per tile.
 
     python tools/make_tiny_model.py --arch qwen2_5_vl --out /tmp/tiny [--seed 0] [--layers 4] [--tie-embeddings]
         [--vocab-size 151936]   # the model's embedding / LM head width (Qwen's real one here); the tokenizer stays tiny
@@ -20,7 +24,7 @@ from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 
-SUPPORTED_ARCHS = ("qwen2_5_vl", "qwen2_vl")
+SUPPORTED_ARCHS = ("qwen2_5_vl", "qwen2_vl", "internvl")
 
 # Qwen's special tokens in Qwen's order; ids are assigned from 0 here (the real checkpoints put them after the
 # 151k BPE entries, which only matters to code that hard-codes ids, and none of ours may).
@@ -29,6 +33,13 @@ SPECIAL_TOKENS = (
     "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
     "<|image_pad|>", "<|video_pad|>",
 )
+
+# InternVL's own tokens, after Qwen's (its language model is a Qwen2 with these added).
+INTERNVL_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>",
+                   "<video>")
+# The named multimodal tokens transformers' InternVLProcessor reads from the tokenizer.
+INTERNVL_NAMED_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>",
+                         "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
 
 # Qwen2's pre-tokenizer split: digits (\p{N}) are isolated one by one, so numbers are sequences of digit tokens.
 QWEN_PRETOKENIZE_REGEX = (
@@ -55,11 +66,27 @@ QWEN_VL_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# The chat template of the transformers-native InternVL3 checkpoints (``OpenGVLab/InternVL3-*-hf``): ChatML turns,
+# one ``<IMG_CONTEXT>`` per image (the processor expands it to ``<img>`` + tokens + ``</img>``).
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\\n' }}"
+    "{% elif content['type'] == 'video' %}{{ '<video>\\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
 PATCH_SIZE = 14
 MERGE_SIZE = 2
 # 4 to 64 merged image tokens per image: 112x112 -> 4x4 = 16 tokens, 224x224 -> 8x8 = 64 tokens.
 MIN_PIXELS = (2 * PATCH_SIZE * MERGE_SIZE) ** 2
 MAX_PIXELS = 64 * (PATCH_SIZE * MERGE_SIZE) ** 2
+# InternVL: 112x112 tiles of 8x8 patches, pixel-shuffled (downsample 0.5) to 4x4 = 16 tokens per tile.
+INTERNVL_TILE = 8 * PATCH_SIZE
+INTERNVL_MAX_TILES = 4
+INTERNVL_TOKENS_PER_TILE = (INTERNVL_TILE // PATCH_SIZE // 2) ** 2
 
 _COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "black", "white", "gray", "pink", "brown", "cyan")
 _SHAPES = ("circle", "square", "triangle", "rectangle", "star", "ellipse", "cross", "diamond")
@@ -113,8 +140,8 @@ def tokenizer_corpus(seed: int = 0, num_lines: int = 3000) -> list[str]:
     return lines
 
 
-def train_tokenizer(vocab_size: int) -> Tokenizer:
-    """Byte-level BPE with Qwen2's normalizer, pre-tokenizer and decoder, special tokens at ids 0..13.
+def train_tokenizer(vocab_size: int, special_tokens: tuple[str, ...] = SPECIAL_TOKENS) -> Tokenizer:
+    """Byte-level BPE with Qwen2's normalizer, pre-tokenizer and decoder, special tokens at ids 0, 1, ...
 
     The corpus is fixed, so every tiny model shares one tokenizer whatever its weight seed: weights of one tiny
     model can be streamed into another of the same sizes.
@@ -127,7 +154,7 @@ def train_tokenizer(vocab_size: int) -> Tokenizer:
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+    trainer = BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens), show_progress=False,
                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(tokenizer_corpus(), trainer=trainer)
     return tokenizer
@@ -196,42 +223,109 @@ def _save_tokenizer_and_processor(arch: str, tokenizer: Tokenizer, out_dir: Path
     config_path.write_text(json.dumps(tokenizer_config, indent=2, sort_keys=True))
 
 
+def _internvl_config(vocab_size: int, token_ids: dict[str, int], num_layers: int, tie_embeddings: bool,
+                     hidden_size: int, num_heads: int, num_kv_heads: int, intermediate_size: int, vision_depth: int,
+                     vision_hidden_size: int, vision_heads: int):
+    from transformers import InternVLConfig
+
+    text = dict(
+        model_type="qwen2", vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        max_position_embeddings=4096, rms_norm_eps=1e-6, hidden_act="silu",
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        bos_token_id=token_ids["<|endoftext|>"], eos_token_id=token_ids["<|im_end|>"],
+        pad_token_id=token_ids["<|endoftext|>"], tie_word_embeddings=tie_embeddings,
+    )
+    # InternViT-300M's shape, scaled down: pre-norm layers with layer scale, mean-free CLS + absolute positions.
+    vision = dict(hidden_size=vision_hidden_size, num_hidden_layers=vision_depth, num_attention_heads=vision_heads,
+                  intermediate_size=2 * vision_hidden_size, hidden_act="gelu", attention_bias=True,
+                  image_size=INTERNVL_TILE, patch_size=PATCH_SIZE, norm_type="layer_norm", use_qk_norm=False,
+                  use_mean_pooling=True, layer_scale_init_value=0.1)
+    return InternVLConfig(text_config=text, vision_config=vision, image_token_id=token_ids["<IMG_CONTEXT>"],
+                          image_seq_length=INTERNVL_TOKENS_PER_TILE, downsample_ratio=0.5,
+                          projector_hidden_act="gelu", vision_feature_layer=-1,
+                          vision_feature_select_strategy="default", tie_word_embeddings=tie_embeddings,
+                          dtype="float32")
+
+
+def _save_internvl_processor(tokenizer: Tokenizer, out_dir: Path) -> None:
+    from transformers import (GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor,
+                              PreTrainedTokenizerFast)
+
+    hf_tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
+        bos_token=None, extra_special_tokens=INTERNVL_NAMED_TOKENS, model_max_length=4096,
+        chat_template=INTERNVL_CHAT_TEMPLATE, clean_up_tokenization_spaces=False,
+    )
+    tile = {"height": INTERNVL_TILE, "width": INTERNVL_TILE}
+    image_processor = GotOcr2ImageProcessor(size=tile, crop_to_patches=True, min_patches=1,
+                                            max_patches=INTERNVL_MAX_TILES)
+    video_processor = InternVLVideoProcessor(size=tile)
+    processor = InternVLProcessor(image_processor=image_processor, tokenizer=hf_tokenizer,
+                                  video_processor=video_processor, image_seq_length=INTERNVL_TOKENS_PER_TILE,
+                                  chat_template=INTERNVL_CHAT_TEMPLATE)
+    processor.save_pretrained(out_dir)
+    config_path = out_dir / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_path.read_text())
+    tokenizer_config["tokenizer_class"] = "Qwen2Tokenizer"
+    config_path.write_text(json.dumps(tokenizer_config, indent=2, sort_keys=True))
+
+
 def make_tiny_model(arch: str, out_dir: str | Path, seed: int = 0, *, num_layers: int = 2,
-                    tie_embeddings: bool = False, hidden_size: int = 128, num_heads: int = 2, num_kv_heads: int = 1,
-                    intermediate_size: int = 256, vision_depth: int = 2, vision_hidden_size: int = 128,
-                    vision_heads: int = 2, tokenizer_vocab_size: int = 1536, vocab_size: int | None = None) -> Path:
+                    tie_embeddings: bool = False, hidden_size: int = 128, num_heads: int = 2,
+                    num_kv_heads: int | None = None, intermediate_size: int = 256, vision_depth: int = 2,
+                    vision_hidden_size: int = 128, vision_heads: int = 2, tokenizer_vocab_size: int = 1536,
+                    vocab_size: int | None = None) -> Path:
     """Write a tiny HF checkpoint (config, safetensors, tokenizer, processor) for ``arch`` into ``out_dir``.
 
     The same arguments always produce the same files (weights from ``torch.manual_seed(seed)``; the BPE tokenizer
-    is trained on a fixed corpus, so it is the same for every seed).
+    is trained on a fixed corpus, so it is the same for every seed of an architecture).
     The model vocabulary is the tokenizer's rounded up to a multiple of 128, as real Qwen pads its embedding, or
     ``vocab_size`` (at least the tokenizer's): memory and kernel benchmarks use Qwen's 151,936 with tiny layers.
+    ``num_kv_heads`` defaults to 1 for Qwen-VL and 2 for InternVL (trainable at TP=2 without repeated KV heads).
     Returns ``out_dir`` as a Path.
     """
     if arch not in SUPPORTED_ARCHS:
         raise ValueError(f"unsupported --arch {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+    from transformers import (GenerationConfig, InternVLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration,
+                              Qwen2VLForConditionalGeneration)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(tokenizer_vocab_size)
-    token_ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
+    internvl = arch == "internvl"
+    if num_kv_heads is None:
+        num_kv_heads = 2 if internvl else 1
+    tokenizer = train_tokenizer(tokenizer_vocab_size, SPECIAL_TOKENS + INTERNVL_TOKENS if internvl else SPECIAL_TOKENS)
+    token_ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS + (INTERNVL_TOKENS if internvl else ())}
     if vocab_size is None:
         vocab_size = _round_up(tokenizer.get_vocab_size(), 128)
     elif vocab_size < tokenizer.get_vocab_size():
         raise ValueError(f"--vocab-size {vocab_size} is smaller than the tokenizer's {tokenizer.get_vocab_size()} tokens")
-    config = _model_config(arch, vocab_size, token_ids, num_layers, tie_embeddings,
-                           hidden_size, num_heads, num_kv_heads, intermediate_size, vision_depth,
-                           vision_hidden_size, vision_heads)
-    model_cls = Qwen2_5_VLForConditionalGeneration if arch == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
+    sizes = (num_layers, tie_embeddings, hidden_size, num_heads, num_kv_heads, intermediate_size, vision_depth,
+             vision_hidden_size, vision_heads)
+    if internvl:
+        config = _internvl_config(vocab_size, token_ids, *sizes)
+        model_cls = InternVLForConditionalGeneration
+    else:
+        config = _model_config(arch, vocab_size, token_ids, *sizes)
+        model_cls = Qwen2_5_VLForConditionalGeneration if arch == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
     torch.manual_seed(seed)
     model = model_cls(config).eval()
+    if internvl:
+        # InternViT initialises its CLS token and position embeddings to zero; draw them so parity tests see them.
+        with torch.no_grad():
+            for param in (model.model.vision_tower.embeddings.cls_token,
+                          model.model.vision_tower.embeddings.position_embeddings):
+                param.normal_(0.0, 0.02)
     model.generation_config = GenerationConfig(
         bos_token_id=token_ids["<|endoftext|>"], pad_token_id=token_ids["<|endoftext|>"],
         eos_token_id=[token_ids["<|im_end|>"], token_ids["<|endoftext|>"]],
     )
     model.save_pretrained(out_dir)
-    _save_tokenizer_and_processor(arch, tokenizer, out_dir)
+    if internvl:
+        _save_internvl_processor(tokenizer, out_dir)
+    else:
+        _save_tokenizer_and_processor(arch, tokenizer, out_dir)
     return out_dir
 
 

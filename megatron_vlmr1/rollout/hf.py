@@ -178,8 +178,9 @@ class HFRolloutEngine(RolloutEngine):
         # Next text position per row: one past the largest mrope position of its prompt (images can make the
         # positions run behind the token count, so it is not the prompt length).
         next_position = batch.position_ids.amax(dim=(0, 2)).to(device) + 1
+        to_model = self.family.transformers_position_ids
         output = self.model(input_ids=batch.input_ids.to(device), attention_mask=attention_mask,
-                            position_ids=batch.position_ids.to(device),
+                            position_ids=to_model(batch.position_ids.to(device)),
                             pixel_values=None if batch.pixel_values is None else batch.pixel_values.to(device),
                             image_grid_thw=None if batch.image_grid_thw is None else batch.image_grid_thw.to(device),
                             use_cache=True, logits_to_keep=1)
@@ -198,7 +199,7 @@ class HFRolloutEngine(RolloutEngine):
                 break
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
             output = self.model(input_ids=tokens[:, None], attention_mask=attention_mask,
-                                position_ids=next_position.view(1, -1, 1).expand(3, -1, 1),
+                                position_ids=to_model(next_position.view(1, -1, 1).expand(3, -1, 1)),
                                 past_key_values=output.past_key_values, use_cache=True)
             next_position = next_position + 1
         return [Completion(ids, self._decode(ids), lps, reason)
@@ -218,12 +219,12 @@ class HFRolloutEngine(RolloutEngine):
 
     @torch.no_grad()
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """Copy tensors in place, one at a time; a tied ``lm_head.weight`` is the embedding, so either name updates
-        both. Returns the bytes received."""
+        """Copy tensors in place, one at a time (checkpoint names, mapped by ``family.transformers_name``); a tied
+        LM head is the embedding, so either name updates both. Returns the bytes received."""
         params = dict(self.model.named_parameters(remove_duplicate=False))
         received = 0
         for name, tensor in weights:
-            target = params[resolve_parameter_name(name, params)]
+            target = params[resolve_parameter_name(self.family.transformers_name(name), params)]
             if target.shape != tensor.shape:
                 raise ValueError(f"update_weights: {name!r} has shape {tuple(tensor.shape)}, "
                                  f"the model expects {tuple(target.shape)}")

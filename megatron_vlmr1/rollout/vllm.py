@@ -207,7 +207,8 @@ class VLLMRolloutEngine(RolloutEngine):
         are cached: "Encoder cache miss").
         """
         if self.tied:
-            weights = ((name, tensor) for name, tensor in weights if name != "lm_head.weight")
+            head = self.family.checkpoint_name("lm_head.weight")
+            weights = ((name, tensor) for name, tensor in weights if name != head)
         if self.asleep:
             torch.cuda.empty_cache()  # hand the trainer's freed blocks back before vLLM re-allocates its pools
             self.llm.wake_up(tags=["weights"])  # the KV cache stays released until the weights are in

@@ -158,6 +158,11 @@ class VLMFamily(abc.ABC):
         """A HF tensor name in the checkpoint convention ``WeightSpec.hf_names`` uses (identity by default)."""
         return hf_name
 
+    def transformers_name(self, checkpoint_name: str) -> str:
+        """Inverse of ``checkpoint_name``: where a checkpoint tensor lives in the transformers model's state dict
+        (the ``hf`` engine's weight sync receives checkpoint names)."""
+        return checkpoint_name
+
     def default_backend(self, device: torch.device) -> str:
         """The layer implementation for a run on ``device``: ``te`` (Transformer Engine) when it is importable and
         the run is on CUDA, ``local`` (pure megatron-core) otherwise."""
@@ -200,6 +205,10 @@ class VLMFamily(abc.ABC):
     @abc.abstractmethod
     def image_token_id(self, processor: ProcessorMixin) -> int:
         """The token an image's features replace in the prompt."""
+
+    def transformers_position_ids(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """Batch ``position_ids`` [3, b, s] as the family's transformers model takes them (the ``hf`` engine)."""
+        return position_ids
 
     def pad_token_id(self, processor: ProcessorMixin) -> int:
         return processor.tokenizer.pad_token_id

@@ -10,6 +10,7 @@ import json
 import os
 from typing import TYPE_CHECKING
 
+from megatron_vlmr1.vlm.internvl import family as _internvl  # noqa: F401  (registers InternVLFamily)
 from megatron_vlmr1.vlm.qwen_vl import family as _qwen_vl  # noqa: F401  (registers QwenVLFamily)
 from megatron_vlmr1.vlm.base import FAMILIES, VLMFamily
 

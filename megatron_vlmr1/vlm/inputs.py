@@ -15,6 +15,7 @@ Layout conventions (every family follows them):
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import torch
 
@@ -22,7 +23,7 @@ from megatron_vlmr1.data.messages import ChatMessage, ContentItem, count_images
 from megatron_vlmr1.data.schema import ImageInput
 
 __all__ = ["ChatMessage", "ContentItem", "EncodedPrompt", "ImageGeometry", "ImageInput", "PromptBatch",
-           "TrainingBatch", "count_images"]
+           "TrainingBatch", "cat_or_none", "count_images", "pad_rows"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,3 +87,21 @@ class TrainingBatch:
     pixel_values: torch.Tensor | None
     image_grid_thw: torch.Tensor | None
 
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows -> (input_ids, attention_mask) [len(rows), longest], padded on the left or the right."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, row in enumerate(rows):
+        columns = slice(width - len(row), width) if left else slice(0, len(row))
+        input_ids[index, columns] = torch.tensor(row, dtype=torch.long)
+        attention_mask[index, columns] = 1
+    return input_ids, attention_mask
+
+
+def cat_or_none(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    """The present tensors concatenated along dim 0 (a batch's pixels in row order), or None if there are none."""
+    present = [t for t in tensors if t is not None]
+    return torch.cat(present) if present else None

@@ -2,7 +2,8 @@
 
 vLLM runs once per case, in a subprocess (``tests/rollout/vllm_driver.py``), on a tiny seed-0 model; it then receives
 the seed-5 model's weights through ``update_weights``. The tests below compare what it produced with the transformers
-engine on the seed-0 and seed-5 checkpoints. Cases: Qwen2.5-VL with an untied head, Qwen2-VL with a tied one.
+engine on the seed-0 and seed-5 checkpoints. Cases: Qwen2.5-VL with an untied head, Qwen2-VL with a tied one,
+InternVL (tiled images, 1-D positions, its own checkpoint names) with an untied one.
 """
 from __future__ import annotations
 
@@ -17,15 +18,16 @@ from safetensors.torch import load_file
 
 from megatron_vlmr1.rollout.base import SamplingConfig
 from megatron_vlmr1.rollout.hf import HFRolloutEngine
-from megatron_vlmr1.vlm.qwen_vl.processor import build_training_batch, encode_prompt, image_token_id
 from tests.rollout.test_hf_engine import _requests
+from tests.rollout.vllm_driver import vision_weight_names
 from tools.make_tiny_model import make_tiny_model
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module", params=[("qwen2_5_vl", False), ("qwen2_vl", True)], ids=["qwen2_5_vl", "qwen2_vl_tied"])
+@pytest.fixture(scope="module", params=[("qwen2_5_vl", False), ("qwen2_vl", True), ("internvl", False)],
+                ids=["qwen2_5_vl", "qwen2_vl_tied", "internvl"])
 def models(request, tmp_path_factory) -> tuple[Path, Path]:
     arch, tied = request.param
     root = tmp_path_factory.mktemp(arch)
@@ -82,7 +84,8 @@ def test_greedy_equals_transformers_engine_before_and_after_weight_sync(vllm_run
 
 def test_partial_sync_of_the_vision_tower(vllm_run, old_weights, new_weights):
     engine = HFRolloutEngine.from_pretrained(new_weights)
-    old_vision = {k: v for k, v in load_file(old_weights / "model.safetensors").items() if k.startswith("visual.")}
+    vision = vision_weight_names(old_weights)
+    old_vision = {k: v for k, v in load_file(old_weights / "model.safetensors").items() if k in vision}
     engine.update_weights(old_vision.items())
     expected = engine.generate(_requests(), SamplingConfig(n=2, temperature=0, max_new_tokens=8))
     assert _ids(vllm_run["greedy_partial"]) == _hf_ids(expected)
@@ -98,13 +101,15 @@ def test_sampled_logprobs_match_a_recomputed_forward(vllm_run, new_weights):
     requests = _requests()
     sampled = vllm_run["sampled"]
     assert [len(r["completions"]) for r in sampled] == [3, 3, 3]
-    prompts = [encode_prompt(engine.processor, r.messages, r.images) for r in requests for _ in range(3)]
+    family, processor = engine.family, engine.processor
+    prompts = [family.encode_prompt(processor, r.messages, r.images) for r in requests for _ in range(3)]
     completions = [c["completion_ids"] for r in sampled for c in r["completions"]]
-    batch = build_training_batch(prompts, completions, engine.pad_token_id, image_token_id(engine.processor), 2)
+    batch = family.training_batch(processor, engine.model.config, prompts, completions)
+    grid = {} if batch.image_grid_thw is None else {"image_grid_thw": batch.image_grid_thw}
     with torch.no_grad():
         logits = engine.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              position_ids=batch.position_ids, pixel_values=batch.pixel_values,
-                              image_grid_thw=batch.image_grid_thw).logits
+                              position_ids=family.transformers_position_ids(batch.position_ids),
+                              pixel_values=batch.pixel_values, **grid).logits
     logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
     torch.testing.assert_close(_logprobs(sampled), logprobs[batch.completion_mask[:, 1:].bool()], atol=1e-3, rtol=0)
 

@@ -15,6 +15,17 @@ def _dump(results) -> list[dict]:
             for r in results]
 
 
+def vision_weight_names(model_dir) -> set[str]:
+    """Checkpoint names of the vision side (whatever the family calls them): the specs that map into ``visual.``."""
+    from transformers import AutoConfig
+
+    from megatron_vlmr1.vlm.families import get_family
+
+    config = AutoConfig.from_pretrained(model_dir)
+    return {name for spec in get_family(config).weight_specs(config) if spec.mcore_name.startswith("visual.")
+            for name in spec.hf_names}
+
+
 def main(model_dir: str, new_weights_dir: str, out_path: str) -> None:
     import torch
     from safetensors.torch import load_file
@@ -46,7 +57,8 @@ def main(model_dir: str, new_weights_dir: str, out_path: str) -> None:
     out["stopped"] = _dump(engine.generate(_requests()[1:2], SamplingConfig(temperature=0, max_new_tokens=8,
                                                                              stop=[stop])))
     # A partial sync (vision tower only, back to the old weights) leaves every other weight as it was.
-    old_vision = {k: v for k, v in load_file(f"{model_dir}/model.safetensors").items() if k.startswith("visual.")}
+    vision = vision_weight_names(model_dir)
+    old_vision = {k: v for k, v in load_file(f"{model_dir}/model.safetensors").items() if k in vision}
     engine.update_weights(iter(old_vision.items()))
     out["greedy_partial"] = _dump(engine.generate(_requests(), greedy))
     with open(out_path, "w") as fh:

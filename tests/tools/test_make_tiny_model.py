@@ -107,12 +107,12 @@ def test_cli_layers_and_tied_embeddings(tmp_path):
 
 
 def test_unsupported_arch_lists_supported_ones(tmp_path):
-    with pytest.raises(ValueError, match="supported: qwen2_5_vl, qwen2_vl"):
-        make_tiny_model("internvl", tmp_path)
-    assert SUPPORTED_ARCHS == ("qwen2_5_vl", "qwen2_vl")
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "make_tiny_model.py"), "--arch", "internvl",
+    with pytest.raises(ValueError, match="supported: qwen2_5_vl, qwen2_vl, internvl"):
+        make_tiny_model("llava", tmp_path)
+    assert SUPPORTED_ARCHS == ("qwen2_5_vl", "qwen2_vl", "internvl")
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "make_tiny_model.py"), "--arch", "llava",
                              "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 2 and "supported: qwen2_5_vl, qwen2_vl" in result.stderr
+    assert result.returncode == 2 and "supported: qwen2_5_vl, qwen2_vl, internvl" in result.stderr
 
 
 def test_vocab_size_widens_the_model_not_the_tokenizer(tmp_path):
@@ -125,3 +125,56 @@ def test_vocab_size_widens_the_model_not_the_tokenizer(tmp_path):
     assert len(AutoProcessor.from_pretrained(out).tokenizer) < 1700
     with pytest.raises(ValueError, match="smaller than the tokenizer"):
         make_tiny_model("qwen2_5_vl", tmp_path / "narrow", vocab_size=100)
+
+
+# --- InternVL ----------------------------------------------------------------------------------------------------
+
+def test_internvl_loads_tiles_a_wide_image_and_generates(tiny_internvl):
+    processor = AutoProcessor.from_pretrained(tiny_internvl)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_internvl).eval()
+    assert type(model).__name__ == "InternVLForConditionalGeneration"
+    assert type(processor).__name__ == "InternVLProcessor"
+    text = processor.apply_chat_template(_messages("Where is the red circle?"), add_generation_prompt=True,
+                                         tokenize=False)
+    # 224 wide x 112 high: a 2x1 grid of 112x112 tiles plus a 112x112 thumbnail; 16 tokens per tile.
+    wide = Image.new("RGB", (224, 112), (255, 0, 0))
+    square = Image.new("RGB", (112, 112), (0, 0, 255))
+    inputs = processor(text=[text], images=[wide], return_tensors="pt")
+    assert inputs["pixel_values"].shape == (3, 3, 112, 112)
+    assert (inputs["input_ids"] == model.config.image_token_id).sum().item() == 3 * 16
+    assert processor(text=[text], images=[square], return_tensors="pt")["pixel_values"].shape[0] == 1
+    tokenizer = processor.tokenizer
+    ids = inputs["input_ids"][0].tolist()
+    start = ids.index(tokenizer.convert_tokens_to_ids("<img>"))
+    assert ids[start + 1:start + 49] == [model.config.image_token_id] * 48
+    assert ids[start + 49] == tokenizer.convert_tokens_to_ids("</img>")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert logits.shape == (1, inputs["input_ids"].shape[1], model.config.text_config.vocab_size)
+    assert torch.isfinite(logits).all()
+    assert generated.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_internvl_tokens_template_and_sizes(tiny_internvl):
+    processor = AutoProcessor.from_pretrained(tiny_internvl)
+    tokenizer = processor.tokenizer
+    config = AutoConfig.from_pretrained(tiny_internvl)
+    assert (tokenizer.start_image_token, tokenizer.end_image_token, tokenizer.context_image_token) == (
+        "<img>", "</img>", "<IMG_CONTEXT>")
+    assert config.image_token_id == tokenizer.context_image_token_id
+    for name in ("<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<box>", "</box>"):
+        assert tokenizer.decode(tokenizer.convert_tokens_to_ids([name])) == name
+    assert tokenizer.eos_token == "<|im_end|>" and config.text_config.eos_token_id == tokenizer.eos_token_id
+    text = processor.apply_chat_template(_messages("hi", num_images=2), add_generation_prompt=True, tokenize=False)
+    assert text == "<|im_start|>user\n<IMG_CONTEXT>\n<IMG_CONTEXT>\nhi<|im_end|>\n<|im_start|>assistant\n"
+    # CPU vLLM needs head_dim 64; 2 KV heads let TP=2 train without repeated KV heads.
+    text_config = config.text_config
+    assert text_config.model_type == "qwen2"
+    assert text_config.hidden_size // text_config.num_attention_heads == 64
+    assert text_config.num_key_value_heads == 2
+    assert config.vision_config.hidden_size // config.vision_config.num_attention_heads == 64
+    weights = load_file(tiny_internvl / "model.safetensors")
+    # The hub layout of the *-hf checkpoints; the CLS token and position embeddings are drawn, not zero.
+    assert "language_model.model.embed_tokens.weight" in weights and "language_model.lm_head.weight" in weights
+    assert weights["vision_tower.embeddings.position_embeddings"].abs().sum() > 0

@@ -8,27 +8,14 @@ import torch
 
 from megatron_vlmr1.parallel import ParallelEnv
 from megatron_vlmr1.vlm.base import ModelLayout, VLMFamily, WeightSpec, register_family
+from megatron_vlmr1.vlm.gpt_vlm import layer_spec
 from megatron_vlmr1.vlm.inputs import ChatMessage, EncodedPrompt, ImageInput, PromptBatch, TrainingBatch
 from megatron_vlmr1.vlm.qwen_vl import processor as inputs
 from megatron_vlmr1.vlm.qwen_vl import weights
 from megatron_vlmr1.vlm.qwen_vl.model import QwenVLModel, transformer_config, vision_class
 
 if TYPE_CHECKING:
-    from megatron.core.transformer.spec_utils import ModuleSpec
     from transformers import PretrainedConfig, ProcessorMixin
-
-
-def layer_spec(backend: str) -> ModuleSpec:
-    """megatron layer spec: ``local`` (pure megatron-core, runs on CPU) or ``te`` (Transformer Engine, CUDA)."""
-    if backend == "te":
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-
-        return get_gpt_layer_with_transformer_engine_spec()
-    if backend == "local":
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-        return get_gpt_layer_local_spec(normalization="RMSNorm")
-    raise ValueError(f"model backend {backend!r}: expected 'local' or 'te'")
 
 
 class QwenVLFamily(VLMFamily):
@@ -70,6 +57,9 @@ class QwenVLFamily(VLMFamily):
 
     def checkpoint_name(self, hf_name: str) -> str:
         return weights.to_checkpoint_name(hf_name)
+
+    def transformers_name(self, checkpoint_name: str) -> str:
+        return weights.to_transformers_name(checkpoint_name)
 
     def load_processor(self, hf_dir: str | os.PathLike) -> ProcessorMixin:
         from transformers import AutoProcessor

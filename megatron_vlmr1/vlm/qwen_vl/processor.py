@@ -20,7 +20,15 @@ from PIL import Image
 
 from megatron_vlmr1.data.messages import ChatMessage, count_images
 from megatron_vlmr1.data.schema import load_image
-from megatron_vlmr1.vlm.inputs import EncodedPrompt, ImageGeometry, ImageInput, PromptBatch, TrainingBatch
+from megatron_vlmr1.vlm.inputs import (
+    EncodedPrompt,
+    ImageGeometry,
+    ImageInput,
+    PromptBatch,
+    TrainingBatch,
+    cat_or_none,
+    pad_rows,
+)
 
 if TYPE_CHECKING:
     from transformers import ProcessorMixin
@@ -127,31 +135,15 @@ def mrope_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, im
     return position_ids, deltas
 
 
-def _cat_or_none(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
-    present = [t for t in tensors if t is not None]
-    return torch.cat(present) if present else None
-
-
-def _pad(rows: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for index, row in enumerate(rows):
-        columns = slice(width - len(row), width) if left else slice(0, len(row))
-        input_ids[index, columns] = torch.tensor(row, dtype=torch.long)
-        attention_mask[index, columns] = 1
-    return input_ids, attention_mask
-
-
 def collate_prompts(prompts: Sequence[EncodedPrompt], pad_id: int, image_token_id: int,
                     spatial_merge_size: int) -> PromptBatch:
     """Left-pad prompts into one generation batch with mrope positions."""
     if not prompts:
         raise ValueError("collate_prompts needs at least one prompt")
-    input_ids, attention_mask = _pad([p.input_ids for p in prompts], pad_id, left=True)
-    grid = _cat_or_none([p.image_grid_thw for p in prompts])
+    input_ids, attention_mask = pad_rows([p.input_ids for p in prompts], pad_id, left=True)
+    grid = cat_or_none([p.image_grid_thw for p in prompts])
     position_ids, deltas = mrope_position_ids(input_ids, attention_mask, grid, image_token_id, spatial_merge_size)
-    return PromptBatch(input_ids, attention_mask, position_ids, deltas, _cat_or_none([p.pixel_values for p in prompts]),
+    return PromptBatch(input_ids, attention_mask, position_ids, deltas, cat_or_none([p.pixel_values for p in prompts]),
                        grid)
 
 
@@ -167,12 +159,12 @@ def build_training_batch(prompts: Sequence[EncodedPrompt], completions: Sequence
     if not prompts:
         raise ValueError("build_training_batch needs at least one row")
     rows = [list(p.input_ids) + list(c) for p, c in zip(prompts, completions)]
-    input_ids, attention_mask = _pad(rows, pad_id, left=False)
+    input_ids, attention_mask = pad_rows(rows, pad_id, left=False)
     completion_mask = torch.zeros_like(attention_mask)
     for index, (prompt, completion) in enumerate(zip(prompts, completions)):
         completion_mask[index, len(prompt.input_ids):len(prompt.input_ids) + len(completion)] = 1
-    grid = _cat_or_none([p.image_grid_thw for p in prompts])
+    grid = cat_or_none([p.image_grid_thw for p in prompts])
     position_ids, _ = mrope_position_ids(input_ids, attention_mask, grid, image_token_id, spatial_merge_size)
     prompt_lengths = torch.tensor([len(p.input_ids) for p in prompts], dtype=torch.long)
     return TrainingBatch(input_ids, attention_mask, position_ids, completion_mask, prompt_lengths,
-                         _cat_or_none([p.pixel_values for p in prompts]), grid)
+                         cat_or_none([p.pixel_values for p in prompts]), grid)

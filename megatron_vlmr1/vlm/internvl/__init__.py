@@ -1,0 +1,1 @@
+"""InternVL family (transformers-native ``InternVLForConditionalGeneration``): model, weights, prompt processing."""
