@@ -236,7 +236,7 @@ def _internvl_config(vocab_size: int, token_ids: dict[str, int], num_layers: int
         bos_token_id=token_ids["<|endoftext|>"], eos_token_id=token_ids["<|im_end|>"],
         pad_token_id=token_ids["<|endoftext|>"], tie_word_embeddings=tie_embeddings,
     )
-    # InternViT-300M's shape, scaled down: pre-norm layers with layer scale, mean-free CLS + absolute positions.
+    # InternViT-300M's shape, scaled down: pre-norm layers with layer scale, CLS token, absolute position embeddings.
     vision = dict(hidden_size=vision_hidden_size, num_hidden_layers=vision_depth, num_attention_heads=vision_heads,
                   intermediate_size=2 * vision_hidden_size, hidden_act="gelu", attention_bias=True,
                   image_size=INTERNVL_TILE, patch_size=PATCH_SIZE, norm_type="layer_norm", use_qk_norm=False,

@@ -17,11 +17,21 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import torch
+
 from megatron_vlmr1.vlm.base import WeightSpec
 from megatron_vlmr1.vlm.qwen_vl import weights as gpt_weights
 
 LANGUAGE_PREFIX = "language_model.model."
 HEAD_NAME = "language_model.lm_head.weight"
+
+
+def _single(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0]
+
+
+def _as_list(tensor: torch.Tensor) -> list[torch.Tensor]:
+    return [tensor]
 
 
 def _language_names(spec: WeightSpec) -> WeightSpec:
@@ -37,7 +47,7 @@ def weight_specs(hf_config: Any, layout: gpt_weights.QwenLayout, vision_names: l
     ``vision_names`` are the names inside ``visual`` (``vision_tower.*``, ``multi_modal_projector.*``), which are
     also their HF checkpoint names.
     """
-    visual = [WeightSpec(f"visual.{name}", (name,), gpt_weights._identity, gpt_weights._wrap) for name in vision_names]
+    visual = [WeightSpec(f"visual.{name}", (name,), _single, _as_list) for name in vision_names]
     language = gpt_weights.weight_specs(hf_config, layout, vision_names=[])
     return visual + [_language_names(spec) for spec in language]
 
