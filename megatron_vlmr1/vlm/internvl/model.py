@@ -104,9 +104,9 @@ class InternVLVisual(torch.nn.Module):
 class InternVLModel(VisionLanguageGPT):
     """One pipeline stage of InternVL (``VisionLanguageGPT`` with InternViT + projector as ``visual``).
 
-    ``forward(input_ids [b, s], position_ids [b, s] or [3, b, s] (1-D), attention_mask [b, s] or [b, 1, s, s], pixel_values
-    [tiles, 3, H, W], image_grid_thw=None, raw_logits=False)``. Tiles of all images of all rows come in row order,
-    then image order, then tile order (as the processor emits them).
+    ``forward(input_ids [b, s], position_ids [b, s] or [3, b, s] (1-D), attention_mask [b, s] or [b, 1, s, s],
+    pixel_values [tiles, 3, H, W], image_grid_thw=None, raw_logits=False)``. Tiles of all images of all rows come in
+    row order, then image order, then tile order (as the processor emits them).
     """
 
     def __init__(self, hf_config: Any, config: TransformerConfig, layout: QwenLayout, transformer_layer_spec: Any,
@@ -129,5 +129,5 @@ class InternVLModel(VisionLanguageGPT):
         if position_ids.dim() == 2:
             return position_ids[None].expand(3, -1, -1)
         if position_ids.dim() != 3 or position_ids.shape[0] != 3:
-            raise ValueError(f"InternVL position_ids must be [b, s] or [3, b, s]; got shape {tuple(position_ids.shape)}")
+            raise ValueError(f"InternVL position_ids must be [b, s] or [3, b, s]; got {tuple(position_ids.shape)}")
         return position_ids

@@ -114,7 +114,8 @@ def batch_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def collate_prompts(prompts: Sequence[EncodedPrompt], pad_id: int) -> PromptBatch:
-    """Left-pad prompts into one generation batch, 1-D positions as [3, b, s] (``rope_deltas`` 0: positions = counts)."""
+    """Left-pad prompts into one generation batch; 1-D positions as [3, b, s] (``rope_deltas`` 0: positions count
+    tokens)."""
     if not prompts:
         raise ValueError("collate_prompts needs at least one prompt")
     input_ids, attention_mask = pad_rows([p.input_ids for p in prompts], pad_id, left=True)
