@@ -113,9 +113,10 @@ class ScoringModel:
         self.dtype = DTYPES[model_cfg.dtype]
         # LoRA hooks need each linear's own input, which Transformer Engine's LayerNorm-fused linears do not expose
         backend = "local" if model_cfg.train_mode == "lora" else family.default_backend(env.device)
-        # No random initialisation: every weight is loaded right after.
+        # No random initialisation: every weight is loaded right after. (Transformer Engine layers keep their init:
+        # that they carry megatron's TP attributes without it is not verified, see vlm.stages.)
         model = family.build_model(hf_config, env, params_dtype=self.dtype, backend=backend,
-                                   perform_initialization=False, **recompute_config(recompute))
+                                   perform_initialization=backend != "local", **recompute_config(recompute))
         model.to(env.device)
         load_hf_weights(model, family, hf_path)
         self.chunks: list[torch.nn.Module] = [model]
