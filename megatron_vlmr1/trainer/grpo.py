@@ -184,12 +184,14 @@ class GRPOTrainer(TrainingSession):
             return make_shared_prefix_micro_batches(
                 self.family, self.processor, self.hf_config, [r.prompt for r in batch.results],
                 [[c.completion_ids for c in r.completions] for r in batch.results], groups_per_micro_batch,
-                row_scalars={"advantages": advantages}, row_token_values={"rollout_logprobs": rollout_logprobs})
+                row_scalars={"advantages": advantages}, row_token_values={"rollout_logprobs": rollout_logprobs},
+                pad_per_micro_batch=self.env.pp == 1)
         prompts = [result.prompt for result in batch.results for _ in result.completions]
         completions = [c.completion_ids for result in batch.results for c in result.completions]
         return make_micro_batches(self.family, self.processor, self.hf_config, prompts, completions,
                                   self.cfg.train.micro_batch_size, row_scalars={"advantages": advantages},
-                                  row_token_values={"rollout_logprobs": rollout_logprobs})
+                                  row_token_values={"rollout_logprobs": rollout_logprobs},
+                                  pad_per_micro_batch=self.env.pp == 1)
 
     @staticmethod
     def attach(name: str, micro_batches: list[MicroBatch], values: list[torch.Tensor] | None) -> None:

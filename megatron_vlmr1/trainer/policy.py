@@ -114,7 +114,7 @@ class ScoringModel:
         tp_group = parallel_state.get_tensor_model_parallel_group() if self.env.tp > 1 else None
         seq_length = micro_batches[0].input_ids.shape[1]
         micro_batch_size = micro_batches[0].input_ids.shape[0]
-        if any(mb.input_ids.shape != (micro_batch_size, seq_length) for mb in micro_batches):
+        if self.env.pp > 1 and any(mb.input_ids.shape != (micro_batch_size, seq_length) for mb in micro_batches):
             raise AssertionError("micro-batches must share one [b, s] shape for the pipeline schedule")
         num_micro_batches = len(micro_batches)
         token_loss = per_completion(token_loss)
