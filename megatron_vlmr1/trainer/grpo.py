@@ -69,6 +69,7 @@ class GRPOTrainer(TrainingSession):
     """Actor, reference and rollout engine are separate objects; this class only orders the phases."""
 
     def __init__(self, cfg: GRPORunConfig):
+        self.needs_explicit_mask = cfg.algo.shared_prefix
         super().__init__(cfg, cfg.train.prompts_per_step)
         from megatron_vlmr1.rewards import combine_rewards
         from megatron_vlmr1.rollout.config import build_engine
@@ -82,7 +83,8 @@ class GRPOTrainer(TrainingSession):
         elif cfg.model.train_mode == "lora":
             self.reference = AdapterFreeReference(self.actor)
         else:
-            self.reference = ScoringModel(self.family, self.hf_config, cfg.model.path, self.env, cfg.model)
+            self.reference = ScoringModel(self.family, self.hf_config, cfg.model.path, self.env, cfg.model,
+                                          explicit_mask=self.needs_explicit_mask)
         self.engine = build_engine(cfg.rollout, cfg.model.path, self.actor.dtype, device=self.env.device,
                                    family=self.family)
         self.policy_loss = get_policy_loss(self.algo.loss)

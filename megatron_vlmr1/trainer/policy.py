@@ -86,14 +86,17 @@ def per_completion(token_loss: TokenLoss) -> TokenLoss:
 class ScoringModel:
     """This pipeline stage's megatron model, loaded from an HF checkpoint; forward-only scoring."""
 
-    def __init__(self, family: Any, hf_config: Any, hf_path: str, env: ParallelEnv, model_cfg: ModelConfig):
+    def __init__(self, family: Any, hf_config: Any, hf_path: str, env: ParallelEnv, model_cfg: ModelConfig,
+                 explicit_mask: bool = False):
         from megatron_vlmr1.vlm.export import load_hf_weights
 
         self.env = env
         self.family = family
         self.dtype = DTYPES[model_cfg.dtype]
-        # LoRA hooks need each linear's own input, which Transformer Engine's LayerNorm-fused linears do not expose
-        backend = "local" if model_cfg.train_mode == "lora" else family.default_backend(env.device)
+        # LoRA hooks need each linear's own input, which Transformer Engine's LayerNorm-fused linears do not expose;
+        # shared-prefix block masks need megatron's own attention, which applies an explicit [b, 1, s, s] mask
+        local = model_cfg.train_mode == "lora" or explicit_mask
+        backend = "local" if local else family.default_backend(env.device)
         model = family.build_model(hf_config, pre_process=env.is_first_stage, post_process=env.is_last_stage,
                                    params_dtype=self.dtype, backend=backend)
         model.to(env.device)
@@ -152,8 +155,9 @@ class ActorModel(ScoringModel):
     """The trainable policy: DDP-wrapped megatron model + megatron optimizer + LR schedule."""
 
     def __init__(self, family: Any, hf_config: Any, hf_path: str, env: ParallelEnv, model_cfg: ModelConfig,
-                 optim_cfg: OptimConfig, total_steps: int, distributed_optimizer: bool = True):
-        super().__init__(family, hf_config, hf_path, env, model_cfg)
+                 optim_cfg: OptimConfig, total_steps: int, distributed_optimizer: bool = True,
+                 explicit_mask: bool = False):
+        super().__init__(family, hf_config, hf_path, env, model_cfg, explicit_mask)
         check_trainable_layout(self.module, env.tp)
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
