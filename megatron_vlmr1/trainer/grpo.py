@@ -71,6 +71,7 @@ class GRPOTrainer(TrainingSession):
     """Actor, reference and rollout engine are separate objects; this class only orders the phases."""
 
     def __init__(self, cfg: GRPORunConfig):
+        self.needs_explicit_mask = cfg.algo.shared_prefix
         super().__init__(cfg, cfg.train.prompts_per_step)
         from megatron_vlmr1.rewards import combine_rewards
         from megatron_vlmr1.trainer.policy import AdapterFreeReference, ScoringModel
@@ -84,7 +85,8 @@ class GRPOTrainer(TrainingSession):
         elif cfg.model.train_mode == "lora":
             self.reference = AdapterFreeReference(self.actor)
         else:
-            self.reference = ScoringModel(self.family, self.hf_config, cfg.model.path, self.env, cfg.model)
+            self.reference = ScoringModel(self.family, self.hf_config, cfg.model.path, self.env, cfg.model,
+                                          explicit_mask=self.needs_explicit_mask)
         self.engine, self.router = self.build_rollout(cfg)
         self.policy_loss = get_policy_loss(self.algo.loss)
         self.advantage_fn = get_advantage_estimator(self.algo.advantage)
@@ -237,12 +239,14 @@ class GRPOTrainer(TrainingSession):
             return make_shared_prefix_micro_batches(
                 self.family, self.processor, self.hf_config, [r.prompt for r in batch.results],
                 [[c.completion_ids for c in r.completions] for r in batch.results], groups_per_micro_batch,
-                row_scalars={"advantages": advantages}, row_token_values={"rollout_logprobs": rollout_logprobs})
+                row_scalars={"advantages": advantages}, row_token_values={"rollout_logprobs": rollout_logprobs},
+                pad_per_micro_batch=self.env.pp == 1)
         prompts = [result.prompt for result in batch.results for _ in result.completions]
         completions = [c.completion_ids for result in batch.results for c in result.completions]
         return make_micro_batches(self.family, self.processor, self.hf_config, prompts, completions,
                                   self.cfg.train.micro_batch_size, row_scalars={"advantages": advantages},
-                                  row_token_values={"rollout_logprobs": rollout_logprobs})
+                                  row_token_values={"rollout_logprobs": rollout_logprobs},
+                                  pad_per_micro_batch=self.env.pp == 1)
 
     def all_reduce_max(self, value: float) -> float:
         import torch.distributed as dist
