@@ -86,7 +86,7 @@ class GRPOTrainer(TrainingSession):
         return engine, router
 
     # -- phases ------------------------------------------------------------------------------------------------
-    def sync_weights(self, traffic=None) -> int:
+    def sync_weights(self, traffic: Any = None) -> int:
         """Stream the actor's full HF tensors into the engine (bucketed by the engine); returns the bytes synced.
 
         ``traffic`` (a ``vlm.export.SyncTraffic``) counts the bytes this rank received over the process groups."""
@@ -149,9 +149,9 @@ class GRPOTrainer(TrainingSession):
         return kept_samples[:kept], kept_results[:kept], kept_total[:kept * group], per_reward
 
     def step(self, step: int) -> dict:
-        metrics: dict[str, float] = {}
         from megatron_vlmr1.vlm.export import SyncTraffic
 
+        metrics: dict[str, float] = {}
         traffic = SyncTraffic()
         with self.timer("sync", metrics):
             metrics["sync_gib"] = self.sync_weights(traffic) / 2**30
@@ -202,6 +202,7 @@ class GRPOTrainer(TrainingSession):
                                   row_token_values={"rollout_logprobs": rollout_logprobs})
 
     def all_reduce_max(self, value: float) -> float:
+        """The largest ``value`` over all ranks."""
         import torch.distributed as dist
 
         tensor = torch.tensor([float(value)], dtype=torch.float64, device=self.env.device)
