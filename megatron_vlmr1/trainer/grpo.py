@@ -8,7 +8,7 @@ between them (each generated exactly once, ``rollout.placement``) and send the r
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -119,7 +119,7 @@ class GRPOTrainer(TrainingSession):
             save_config(self.cfg, self.output_dir / "config.yaml")
 
     # -- phases ------------------------------------------------------------------------------------------------
-    def sync_weights(self, traffic=None) -> int:
+    def sync_weights(self, traffic: Any = None) -> int:
         """Stream the actor's full HF tensors into the engine (bucketed by the engine); returns the bytes synced.
 
         ``traffic`` (a ``vlm.export.SyncTraffic``) counts the bytes this rank received over the process groups."""
@@ -186,9 +186,9 @@ class GRPOTrainer(TrainingSession):
     def step(self, step: int) -> dict:
         """One GRPO step. ``self.preemption.check()`` between the phases abandons the step (``Preempted``) while
         no update of it has been applied yet; the session then saves the previous step's state."""
-        metrics: dict[str, float] = {}
         from megatron_vlmr1.vlm.export import SyncTraffic
 
+        metrics: dict[str, float] = {}
         traffic = SyncTraffic()
         with self.timer("sync", metrics):
             metrics["sync_gib"] = self.sync_weights(traffic) / 2**30
@@ -249,6 +249,7 @@ class GRPOTrainer(TrainingSession):
                                   pad_per_micro_batch=self.env.pp == 1)
 
     def all_reduce_max(self, value: float) -> float:
+        """The largest ``value`` over all ranks."""
         import torch.distributed as dist
 
         tensor = torch.tensor([float(value)], dtype=torch.float64, device=self.env.device)
