@@ -27,8 +27,9 @@ trainer path also runs the embedding and the two tiny layers (a few MiB).
 
 --grpo-step: one real GRPO step (`GRPOTrainer`, transformers rollout engine, synthetic REC data, fp32, 8 prompts x
 group 2 = 16 rows) of the same tiny --vocab model in a fresh process per --micro-batch size; reports each process'
-peak resident set, and the difference to the first size in units of the extra rows' logits
-((mbs - mbs_0) x seq x vocab x 4 bytes, seq being the step's padded row length).
+peak resident set, and (a sharper number, since the step's peak may come from another phase such as the rollout)
+the peak of the log-prob and update phases above their start; each as a difference to the first size in units of
+the extra rows' logits ((mbs - mbs_0) x seq x vocab x 4 bytes, seq being the step's padded row length).
 
 GB/s: the fused kernels' minimum traffic over the time, 3 x the logits' bytes (read for the statistics, read and
 written for the gradient) — on a GPU, compare it with the device's memory bandwidth (the goal is >= 2/3 of it).
@@ -214,16 +215,23 @@ def bench_trainer_path(args) -> None:
     meter = CudaPeak() if args.device == "cuda" else CpuPeak()
 
     def timed(fn) -> float:
-        start = time.perf_counter()
-        fn()
+        """CPU: the process' CPU time (robust to other processes sharing the cores); CUDA: wall time."""
         if args.device == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+            start = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            return time.perf_counter() - start
+        start = time.process_time()
+        fn()
+        return time.process_time() - start
 
-    seconds = {}
-    for name, fn in paths.items():
+    for fn in paths.values():
         fn()  # warm-up; also allocates the parameters' .grad, which later runs accumulate into
-        seconds[name] = statistics.median(timed(fn) for _ in range(args.repeat))
+    seconds = {name: float("inf") for name in paths}
+    for _ in range(args.repeat):  # interleaved, best of --repeat: both paths see the same machine
+        for name, fn in paths.items():
+            seconds[name] = min(seconds[name], timed(fn))
     meter.enable()
     peaks = {}
     for name, fn in paths.items():
@@ -237,7 +245,8 @@ def bench_trainer_path(args) -> None:
     logits_mib = tokens * weight.shape[0] * 4 / MIB
     print(f"# device={args.device} backend={backend(args.device)} fp32 rows={args.rows} seq={args.seq} "
           f"tokens={tokens} vocab={weight.shape[0]} logits={logits_mib:.0f} MiB threads={torch.get_num_threads()} "
-          f"repeat={args.repeat} (median time, max of 3 peaks)")
+          f"repeat={args.repeat} (best time of interleaved runs, {'wall' if args.device == 'cuda' else 'CPU'} "
+          f"seconds; max of 3 peaks)")
     print("| path         | fwd+bwd ms | peak extra MiB | x logits | time / kernel | mem / kernel |")
     print("|--------------|------------|----------------|----------|---------------|--------------|")
     for name in paths:
@@ -264,11 +273,20 @@ def grpo_step_child(model: str, micro_batch: int, out_dir: str) -> None:
         "checkpoint": {"export_hf": False}, "parallel": {"device": "cpu"},
     })
     seen = []
+    phase_peak, step_peak = [0], [0]
+    meter = CpuPeak()
+    meter.enable()  # freed tensors go back to the OS, so each phase's RSS peak is its own
     run = policy.ScoringModel.run
 
     def recording_run(self, micro_batches, token_loss, forward_only):
+        """Old/reference log-probs and the update: RSS peak above the phase's start."""
         seen.append(micro_batches[0].input_ids.shape)
-        return run(self, micro_batches, token_loss, forward_only)
+        step_peak[0] = max(step_peak[0], CpuPeak._status_kib("VmHWM") * 1024)  # the reset below clears it
+        meter.reset()
+        try:
+            return run(self, micro_batches, token_loss, forward_only)
+        finally:
+            phase_peak[0] = max(phase_peak[0], meter.extra())
 
     policy.ScoringModel.run = recording_run
     trainer = GRPOTrainer(cfg)
@@ -276,7 +294,8 @@ def grpo_step_child(model: str, micro_batch: int, out_dir: str) -> None:
         trainer.fit()
     finally:
         trainer.close()
-    print("RESULT", CpuPeak._status_kib("VmHWM") * 1024, seen[-1][1], flush=True)
+    step_peak[0] = max(step_peak[0], CpuPeak._status_kib("VmHWM") * 1024)
+    print("RESULT", step_peak[0], seen[-1][1], phase_peak[0], flush=True)
 
 
 def bench_grpo_step(args) -> None:
@@ -293,16 +312,21 @@ def bench_grpo_step(args) -> None:
             if out.returncode or not lines:
                 raise RuntimeError(f"GRPO step at micro-batch {mbs} failed:\n{out.stderr[-3000:]}")
             results[mbs] = tuple(int(v) for v in lines[-1].split()[1:])
-    print(f"# one GRPO step, CPU, fp32, vocab={args.vocab}, 16 rows; peak RSS per fresh process")
-    print("| micro-batch | seq | peak RSS MiB | extra vs first MiB | extra rows' logits MiB | ratio |")
-    print("|-------------|-----|--------------|--------------------|------------------------|-------|")
+    print(f"# one GRPO step, CPU, fp32, vocab={args.vocab}, 16 rows; per fresh process: peak RSS of the whole step, "
+          f"and the log-prob/update phases' peak above their start")
+    print("| micro-batch | seq | step peak MiB | step extra MiB | phase peak MiB | phase extra MiB | extra rows' "
+          "logits MiB | step ratio | phase ratio |")
+    print("|-------------|-----|---------------|----------------|----------------|-----------------|-------------"
+          "-----------|------------|-------------|")
     first = args.micro_batch[0]
-    for mbs, (peak, seq) in results.items():
-        extra = peak - results[first][0]
+    for mbs, (peak, seq, phase) in results.items():
+        extra, phase_extra = peak - results[first][0], phase - results[first][2]
         rows_logits = (mbs - first) * seq * args.vocab * 4
         ratio = f"{extra / rows_logits:.2f}" if rows_logits else "-"
-        print(f"| {mbs:>11} | {seq:>3} | {peak / MIB:>12.0f} | {extra / MIB:>18.0f} | {rows_logits / MIB:>22.0f} | "
-              f"{ratio:>5} |", flush=True)
+        phase_ratio = f"{phase_extra / rows_logits:.2f}" if rows_logits else "-"
+        print(f"| {mbs:>11} | {seq:>3} | {peak / MIB:>13.0f} | {extra / MIB:>14.0f} | {phase / MIB:>14.0f} | "
+              f"{phase_extra / MIB:>15.0f} | {rows_logits / MIB:>22.0f} | {ratio:>10} | {phase_ratio:>11} |",
+              flush=True)
 
 
 def main() -> None:

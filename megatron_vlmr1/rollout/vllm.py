@@ -226,7 +226,7 @@ class VLLMRolloutEngine(RolloutEngine):
         return received
 
     def sleep(self) -> int:
-        """On CUDA with ``sleep=True``: release the weights and the KV cache (level 2); returns the device bytes freed."""
+        """On CUDA with ``sleep=True``: release the weights and the KV cache (level 2); returns the bytes freed."""
         if not self.can_sleep or self.asleep:
             return 0
         torch.cuda.synchronize()

@@ -42,9 +42,12 @@ def make_micro_batches(family: Any, processor: Any, hf_config: Any, prompts: Seq
                        completions: Sequence[Sequence[int]], micro_batch_size: int,
                        row_scalars: dict[str, torch.Tensor] | None = None,
                        row_token_values: dict[str, Sequence[Sequence[float]]] | None = None,
-                       pad_to_multiple: int = 8) -> list[MicroBatch]:
+                       pad_to_multiple: int = 8, pad_per_micro_batch: bool = False) -> list[MicroBatch]:
     """Split rows (``prompts[i]`` + ``completions[i]``) into micro-batches of ``micro_batch_size`` rows.
 
+    ``pad_per_micro_batch`` (no pipeline parallelism: shapes may differ between micro-batches): rows are sorted by
+    length before splitting, so each micro-batch holds rows of similar length, and each is padded only to its own
+    longest row. The step's loss does not depend on how rows are grouped (micro-batch exact normalisation).
     ``row_scalars`` (e.g. advantages, [rows]) are broadcast over each row's completion tokens; ``row_token_values``
     (e.g. the rollout engine's log-probs) are placed at the completion tokens' shifted columns. Both land in
     ``MicroBatch.fields`` as [b, s-1] tensors.
@@ -55,6 +58,8 @@ def make_micro_batches(family: Any, processor: Any, hf_config: Any, prompts: Seq
     row_token_values = row_token_values or {}
     pad_id = family.pad_token_id(processor)
     rows = list(range(len(prompts)))
+    if pad_per_micro_batch:
+        rows.sort(key=lambda i: len(prompts[i].input_ids) + len(completions[i]))
     chunks = [rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
     if len(chunks[-1]) < micro_batch_size:
         chunks[-1] = chunks[-1] + [-1] * (micro_batch_size - len(chunks[-1]))  # -1: filler row, loss masked out
@@ -68,6 +73,8 @@ def make_micro_batches(family: Any, processor: Any, hf_config: Any, prompts: Seq
     seq_len = -(-longest // pad_to_multiple) * pad_to_multiple
     micro_batches = []
     for chunk, batch in built:
+        if pad_per_micro_batch:
+            seq_len = -(-batch.input_ids.shape[1] // pad_to_multiple) * pad_to_multiple
         filler = torch.tensor([i < 0 for i in chunk])
         loss_mask = _pad_right(batch.completion_mask, seq_len, 0)[:, 1:].clone()
         loss_mask[filler] = 0
@@ -94,7 +101,7 @@ def make_shared_prefix_micro_batches(family: Any, processor: Any, hf_config: Any
                                      completions: Sequence[Sequence[Sequence[int]]], groups_per_micro_batch: int,
                                      row_scalars: dict[str, torch.Tensor] | None = None,
                                      row_token_values: dict[str, Sequence[Sequence[float]]] | None = None,
-                                     pad_to_multiple: int = 8) -> list[MicroBatch]:
+                                     pad_to_multiple: int = 8, pad_per_micro_batch: bool = False) -> list[MicroBatch]:
     """Groups (``prompts[g]`` with its completions ``completions[g]``) -> packed micro-batches of
     ``groups_per_micro_batch`` rows each.
 
@@ -102,6 +109,7 @@ def make_shared_prefix_micro_batches(family: Any, processor: Any, hf_config: Any
     ``row_scalars`` [rows] and ``row_token_values``). Packed rows are right-padded to the step's longest (the
     pipeline sends one shape); a short last micro-batch is filled with a copy of a group whose loss mask is empty.
     ``loss_mask`` and ``fields`` of each micro-batch are in the per-completion layout [rows, T].
+    ``pad_per_micro_batch`` (no pipeline parallelism) pads each micro-batch only to its own longest packed row.
     """
     if len(prompts) != len(completions) or not prompts:
         raise ValueError(f"need one completion list per prompt, got {len(prompts)} prompts, {len(completions)}")
@@ -126,6 +134,8 @@ def make_shared_prefix_micro_batches(family: Any, processor: Any, hf_config: Any
     micro_batches = []
     for chunk in chunks:
         real = [g if g >= 0 else chunk[0] for g in chunk]
+        if pad_per_micro_batch:
+            seq_len = -(-max(len(packed[g].input_ids) for g in real) // pad_to_multiple) * pad_to_multiple
         b = len(chunk)
         input_ids = torch.full((b, seq_len), pad_id, dtype=torch.long)
         position_ids = torch.zeros(3, b, seq_len, dtype=torch.long)

@@ -8,7 +8,7 @@ between them (each generated exactly once, ``rollout.placement``) and send the r
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -71,6 +71,7 @@ class GRPOTrainer(TrainingSession):
     """Actor, reference and rollout engine are separate objects; this class only orders the phases."""
 
     def __init__(self, cfg: GRPORunConfig):
+        self.needs_explicit_mask = cfg.algo.shared_prefix
         super().__init__(cfg, cfg.train.prompts_per_step)
         from megatron_vlmr1.rewards import combine_rewards
         from megatron_vlmr1.trainer.policy import AdapterFreeReference, ScoringModel
@@ -84,7 +85,8 @@ class GRPOTrainer(TrainingSession):
         elif cfg.model.train_mode == "lora":
             self.reference = AdapterFreeReference(self.actor)
         else:
-            self.reference = ScoringModel(self.family, self.hf_config, cfg.model.path, self.env, cfg.model)
+            self.reference = ScoringModel(self.family, self.hf_config, cfg.model.path, self.env, cfg.model,
+                                          explicit_mask=self.needs_explicit_mask)
         self.engine, self.router = self.build_rollout(cfg)
         self.policy_loss = get_policy_loss(self.algo.loss)
         self.advantage_fn = get_advantage_estimator(self.algo.advantage)
@@ -117,7 +119,7 @@ class GRPOTrainer(TrainingSession):
             save_config(self.cfg, self.output_dir / "config.yaml")
 
     # -- phases ------------------------------------------------------------------------------------------------
-    def sync_weights(self, traffic=None) -> int:
+    def sync_weights(self, traffic: Any = None) -> int:
         """Stream the actor's full HF tensors into the engine (bucketed by the engine); returns the bytes synced.
 
         ``traffic`` (a ``vlm.export.SyncTraffic``) counts the bytes this rank received over the process groups."""
@@ -184,9 +186,9 @@ class GRPOTrainer(TrainingSession):
     def step(self, step: int) -> dict:
         """One GRPO step. ``self.preemption.check()`` between the phases abandons the step (``Preempted``) while
         no update of it has been applied yet; the session then saves the previous step's state."""
-        metrics: dict[str, float] = {}
         from megatron_vlmr1.vlm.export import SyncTraffic
 
+        metrics: dict[str, float] = {}
         traffic = SyncTraffic()
         with self.timer("sync", metrics):
             metrics["sync_gib"] = self.sync_weights(traffic) / 2**30
@@ -237,14 +239,17 @@ class GRPOTrainer(TrainingSession):
             return make_shared_prefix_micro_batches(
                 self.family, self.processor, self.hf_config, [r.prompt for r in batch.results],
                 [[c.completion_ids for c in r.completions] for r in batch.results], groups_per_micro_batch,
-                row_scalars={"advantages": advantages}, row_token_values={"rollout_logprobs": rollout_logprobs})
+                row_scalars={"advantages": advantages}, row_token_values={"rollout_logprobs": rollout_logprobs},
+                pad_per_micro_batch=self.env.pp == 1)
         prompts = [result.prompt for result in batch.results for _ in result.completions]
         completions = [c.completion_ids for result in batch.results for c in result.completions]
         return make_micro_batches(self.family, self.processor, self.hf_config, prompts, completions,
                                   self.cfg.train.micro_batch_size, row_scalars={"advantages": advantages},
-                                  row_token_values={"rollout_logprobs": rollout_logprobs})
+                                  row_token_values={"rollout_logprobs": rollout_logprobs},
+                                  pad_per_micro_batch=self.env.pp == 1)
 
     def all_reduce_max(self, value: float) -> float:
+        """The largest ``value`` over all ranks."""
         import torch.distributed as dist
 
         tensor = torch.tensor([float(value)], dtype=torch.float64, device=self.env.device)

@@ -105,17 +105,20 @@ class ScoringModel:
     """This pipeline stage's megatron model, loaded from an HF checkpoint; forward-only scoring."""
 
     def __init__(self, family: VLMFamily, hf_config: PretrainedConfig, hf_path: str, env: ParallelEnv,
-                 model_cfg: ModelConfig, recompute: str = "none"):
+                 model_cfg: ModelConfig, recompute: str = "none", explicit_mask: bool = False):
         from megatron_vlmr1.vlm.export import load_hf_weights
 
         self.env = env
         self.family = family
         self.dtype = DTYPES[model_cfg.dtype]
-        # LoRA hooks need each linear's own input, which Transformer Engine's LayerNorm-fused linears do not expose
-        backend = "local" if model_cfg.train_mode == "lora" else family.default_backend(env.device)
-        # No random initialisation: every weight is loaded right after.
+        # LoRA hooks need each linear's own input, which Transformer Engine's LayerNorm-fused linears do not expose;
+        # shared-prefix block masks need megatron's own attention, which applies an explicit [b, 1, s, s] mask
+        local = model_cfg.train_mode == "lora" or explicit_mask
+        backend = "local" if local else family.default_backend(env.device)
+        # No random initialisation: every weight is loaded right after. (Transformer Engine layers keep their init:
+        # that they carry megatron's TP attributes without it is not verified, see vlm.stages.)
         model = family.build_model(hf_config, env, params_dtype=self.dtype, backend=backend,
-                                   perform_initialization=False, **recompute_config(recompute))
+                                   perform_initialization=backend != "local", **recompute_config(recompute))
         model.to(env.device)
         load_hf_weights(model, family, hf_path)
         self.chunks: list[torch.nn.Module] = [model]
@@ -134,7 +137,7 @@ class ScoringModel:
         tp_group = self.env.tp_group if self.env.tp > 1 else None
         seq_length = micro_batches[0].input_ids.shape[1]
         micro_batch_size = micro_batches[0].input_ids.shape[0]
-        if any(mb.input_ids.shape != (micro_batch_size, seq_length) for mb in micro_batches):
+        if self.env.pp > 1 and any(mb.input_ids.shape != (micro_batch_size, seq_length) for mb in micro_batches):
             raise AssertionError("micro-batches must share one [b, s] shape for the pipeline schedule")
         num_micro_batches = len(micro_batches)
         token_loss = per_completion(token_loss)
@@ -173,8 +176,8 @@ class ActorModel(ScoringModel):
 
     def __init__(self, family: VLMFamily, hf_config: PretrainedConfig, hf_path: str, env: ParallelEnv,
                  model_cfg: ModelConfig, optim_cfg: OptimConfig, total_steps: int, distributed_optimizer: bool = True,
-                 recompute: str = "none"):
-        super().__init__(family, hf_config, hf_path, env, model_cfg, recompute=recompute)
+                 recompute: str = "none", explicit_mask: bool = False):
+        super().__init__(family, hf_config, hf_path, env, model_cfg, recompute=recompute, explicit_mask=explicit_mask)
         check_trainable_layout(self.module, env.tp)
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer

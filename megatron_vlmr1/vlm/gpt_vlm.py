@@ -185,12 +185,23 @@ class VisionLanguageGPT(MegatronModule, abc.ABC):
         decoder_input = self.embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
         if attention_mask.dim() == 2:
             attention_mask = padding_attention_mask(attention_mask)
+        elif self.config_uses_fused_attention():
+            raise ValueError("a [b, 1, s, s] block mask (shared-prefix packing) needs the 'local' backend: "
+                             "Transformer Engine's fused attention takes its mask type from the layer spec")
         output = self.language_model(input_ids=input_ids, position_ids=self.rope_position_ids(position_ids),
                                      attention_mask=attention_mask, decoder_input=decoder_input,
                                      labels=input_ids if raw_logits else None)
         if not self.post_process or raw_logits:
             return output
         return self.mask_padded_vocab(output)
+
+    def config_uses_fused_attention(self) -> bool:
+        """Whether the decoder's core attention is Transformer Engine's (it ignores an explicit block mask)."""
+        layers = getattr(getattr(self.language_model, "decoder", None), "layers", None)
+        if not layers:
+            return False
+        core = getattr(layers[0].self_attention, "core_attention", None)
+        return type(core).__name__.startswith("TE")
 
     def mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """Padded vocabulary columns must not take part in any softmax: slice (TP=1) or -inf in place (TP>1).

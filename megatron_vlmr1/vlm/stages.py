@@ -40,6 +40,28 @@ def single_chunk(model_chunks: torch.nn.Module | list[torch.nn.Module]) -> torch
     return unwrap_model(chunks[0])
 
 
+def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
+    """Give megatron's parallel linears and embeddings the TP attributes its weight init would have set.
+
+    megatron-core 0.16.1 sets ``tensor_model_parallel`` / ``partition_dim`` / ``partition_stride`` on a parallel
+    weight only inside its random-init functions. A model built with ``perform_initialization=False`` (its weights
+    are loaded next) would lack them, and gradient-norm clipping would then count TP shards as replicas (only TP
+    rank 0's shard). SwiGLU's fc1 holds [gate; up] interleaved per rank: stride 2, as megatron's MLP declares.
+    """
+    from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                                      set_tensor_model_parallel_attributes)
+
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if weight is None or hasattr(weight, "tensor_model_parallel"):
+            continue
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            gated = name.endswith("linear_fc1") and module.config.gated_linear_unit
+            set_tensor_model_parallel_attributes(weight, True, 0, 2 if gated else 1)
+        elif isinstance(module, RowParallelLinear):
+            set_tensor_model_parallel_attributes(weight, True, 1, 1)
+
+
 def gather_tp(env: ParallelEnv, name: str, shard: torch.Tensor, gated: bool = True) -> torch.Tensor:
     """The full (TP=1 layout) tensor of megatron parameter ``name`` from this rank's shard (a collective over TP)."""
     if env.tp == 1 or tp_partition_dim(name) is None:

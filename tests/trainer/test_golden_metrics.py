@@ -99,7 +99,9 @@ def _run(rank, world_size, kind, model, data, out, tp, pp):
                                           pytest.param("grpo", 2, 2, marks=pytest.mark.slow),
                                           pytest.param("sft", 2, 2, marks=pytest.mark.slow)])
 def test_metrics_equal_the_recorded_run(tiny_qwen2_5_vl_kv2, rec_data, tmp_path, kind, tp, pp):
-    results = run_distributed(_run, tp * pp, kind, str(tiny_qwen2_5_vl_kv2), str(rec_data), str(tmp_path), tp, pp)
+    # 4 ranks on a shared 2-core machine can take several minutes: a generous limit, this is no hang detector
+    results = run_distributed(_run, tp * pp, kind, str(tiny_qwen2_5_vl_kv2), str(rec_data), str(tmp_path), tp, pp,
+                              timeout=1800)
     got = results[0]  # rank 0 logs the run's metrics (reduced over every rank)
     expected = GOLDEN[(kind, tp, pp)]
     assert len(got) == len(expected), got

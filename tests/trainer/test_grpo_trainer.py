@@ -89,7 +89,7 @@ def test_shared_prefix_grpo_matches_per_row(tiny_qwen2_5_vl, rec_data, tmp_path)
     runs = {}
     for shared in (False, True):
         runs[shared] = run(_grpo(), grpo_config(
-            tiny_qwen2_5_vl, rec_data, tmp_path / str(shared), 
+            tiny_qwen2_5_vl, rec_data, tmp_path / str(shared),
             algo={"group_size": 4, "beta": 0.04, "mu": 2, "shared_prefix": shared},
             train={"output_dir": str(tmp_path / str(shared)), "steps": 3, "prompts_per_step": 2,
                    "micro_batch_size": 4, "tensorboard": False, "progress_bar": False}))

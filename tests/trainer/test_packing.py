@@ -54,3 +54,30 @@ def test_packing_rows_maps_columns_back_to_completions():
                       columns=torch.tensor([[2, 3], [5, 0], [1, 4]]))
     loss_mask = torch.tensor([[1, 1], [1, 0], [1, 1]])
     assert packing.rows(values, loss_mask).tolist() == [[2.0, 3.0], [5.0, 0.0], [8.0, 11.0]]
+
+
+def test_per_row_micro_batches_pad_each_micro_batch_to_its_own_length(tiny_qwen2_5_vl):
+    from transformers import AutoConfig
+
+    from megatron_vlmr1.trainer.batching import make_micro_batches
+    from megatron_vlmr1.vlm.families import get_family
+
+    hf_config = AutoConfig.from_pretrained(tiny_qwen2_5_vl)
+    family = get_family(hf_config)
+    processor = family.load_processor(tiny_qwen2_5_vl)
+    prompt = family.encode_prompt(processor, [{"role": "user", "content": [{"type": "text", "text": "Hi."}]}], [])
+    lengths = [30, 2, 29, 1]  # rows sorted by length: (1, 2) and (29, 30) share micro-batches
+    completions = [[200 + k for k in range(n)] for n in lengths]
+    values = [[float(n) + k / 100 for k in range(n)] for n in lengths]
+    batches = make_micro_batches(family, processor, hf_config, [prompt] * 4, completions, 2,
+                                 row_scalars={"advantages": torch.tensor([1.0, 2.0, 3.0, 4.0])},
+                                 row_token_values={"values": values}, pad_per_micro_batch=True)
+    prompt_len = len(prompt.input_ids)
+    assert [b.input_ids.shape[1] for b in batches] == [-(-(prompt_len + 2) // 8) * 8, -(-(prompt_len + 30) // 8) * 8]
+    rows = [(batch, r) for batch in batches for r in range(2)]
+    for (batch, r), (n, advantage) in zip(rows, [(1, 4.0), (2, 2.0), (29, 3.0), (30, 1.0)]):
+        mask = batch.loss_mask[r].bool()
+        assert int(mask.sum()) == n
+        assert batch.fields["advantages"][r][mask].eq(advantage).all()
+        assert batch.fields["values"][r][mask].tolist() == pytest.approx([float(n) + k / 100 for k in range(n)])
+        assert batch.input_ids[r, prompt_len:prompt_len + n].tolist() == [200 + k for k in range(n)]

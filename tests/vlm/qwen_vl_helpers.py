@@ -118,9 +118,11 @@ def trainer_logprobs(model, batch: dict, tp: int) -> torch.Tensor | None:
 
 
 def next_token_targets(batch: dict) -> torch.Tensor:
-    """[b, s] next-token ids, -100 at the last position and where the next token is padding."""
+    """[b, s] next-token ids; -100 at the last position and where this or the next token is padding (a padded
+    query row's output is garbage, see ``padding_attention_mask``)."""
+    mask = batch["attention_mask"].bool()
     targets = torch.full_like(batch["input_ids"], -100)
-    targets[:, :-1] = batch["input_ids"][:, 1:].masked_fill(~batch["attention_mask"][:, 1:].bool(), -100)
+    targets[:, :-1] = batch["input_ids"][:, 1:].masked_fill(~(mask[:, :-1] & mask[:, 1:]), -100)
     return targets
 
 

@@ -121,3 +121,33 @@ def test_get_family_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="unsupported architecture model_type='llama'"):
         get_family(tmp_path)
+
+
+def _tp_attributes(rank, world_size, hf_dir):
+    import torch
+    from transformers import AutoConfig
+
+    from megatron_vlmr1.parallel import ParallelConfig, destroy_parallel, initialize_parallel
+
+    env = initialize_parallel(ParallelConfig(), torch.device("cpu"))
+    config = AutoConfig.from_pretrained(hf_dir)
+    family = get_family(config)
+    built = {}
+    for init in (True, False):
+        model = family.build_model(config, env, perform_initialization=init)
+        built[init] = {name: tuple(getattr(p, a, None) for a in ("tensor_model_parallel", "partition_dim",
+                                                                   "partition_stride"))
+                       for name, p in model.named_parameters()}
+    destroy_parallel()
+    return built
+
+
+def test_a_model_built_without_init_carries_the_same_tensor_parallel_attributes(tiny_qwen2_5_vl):
+    """Skipping the random init (weights are loaded next) must not lose megatron's TP attributes: gradient clipping
+    would count TP shards as replicas (the golden TP=2 x PP=2 run caught exactly that)."""
+    from tests.distributed import run_distributed
+
+    built = run_distributed(_tp_attributes, 1, str(tiny_qwen2_5_vl))[0]
+    assert built[False] == built[True]
+    assert built[True]["language_model.decoder.layers.0.mlp.linear_fc1.weight"] == (True, 0, 2)
+    assert built[True]["language_model.decoder.layers.0.self_attention.linear_proj.weight"] == (True, 1, 1)

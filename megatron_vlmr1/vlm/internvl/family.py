@@ -14,6 +14,7 @@ from megatron_vlmr1.vlm.internvl import processor as inputs
 from megatron_vlmr1.vlm.internvl import weights
 from megatron_vlmr1.vlm.internvl.model import InternVLModel, InternVLVisual, check_supported, transformer_config
 from megatron_vlmr1.vlm.qwen_vl.weights import QwenLayout, make_layout
+from megatron_vlmr1.vlm.stages import mark_tensor_parallel_weights
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, ProcessorMixin
@@ -43,7 +44,10 @@ class InternVLFamily(VLMFamily):
         """
         layout = self.layout(hf_config, env.tp, num_query_groups, make_vocab_size_divisible_by, backend)
         config = transformer_config(hf_config, layout, env, params_dtype, backend, **config_overrides)
-        return InternVLModel(hf_config, config, layout, layer_spec(backend), env)
+        model = InternVLModel(hf_config, config, layout, layer_spec(backend), env)
+        if not config.perform_initialization:
+            mark_tensor_parallel_weights(model)
+        return model
 
     def vision_weight_names(self, hf_config: PretrainedConfig) -> list[str]:
         """State-dict names inside ``visual`` (vision tower + projector), built on the meta device."""

@@ -13,6 +13,7 @@ from megatron_vlmr1.vlm.inputs import ChatMessage, EncodedPrompt, ImageInput, Pr
 from megatron_vlmr1.vlm.qwen_vl import processor as inputs
 from megatron_vlmr1.vlm.qwen_vl import weights
 from megatron_vlmr1.vlm.qwen_vl.model import QwenVLModel, transformer_config, vision_class
+from megatron_vlmr1.vlm.stages import mark_tensor_parallel_weights
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, ProcessorMixin
@@ -43,7 +44,10 @@ class QwenVLFamily(VLMFamily):
         """
         layout = self.layout(hf_config, env.tp, num_query_groups, make_vocab_size_divisible_by, backend)
         config = transformer_config(hf_config, layout, env, params_dtype, backend, **config_overrides)
-        return QwenVLModel(hf_config, config, layout, layer_spec(backend), env)
+        model = QwenVLModel(hf_config, config, layout, layer_spec(backend), env)
+        if not config.perform_initialization:
+            mark_tensor_parallel_weights(model)
+        return model
 
     def vision_weight_names(self, hf_config: PretrainedConfig) -> list[str]:
         """State-dict names of the vision tower (built on the meta device: no memory, no init)."""
