@@ -79,13 +79,14 @@ def sample_tokens(logits: torch.Tensor, sampling: SamplingConfig,
     return tokens, raw_logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def resolve_parameter_name(name: str, params: dict[str, torch.nn.Parameter]) -> str:
+def resolve_parameter_name(name: str, params: dict[str, torch.nn.Parameter], mapped: str | None = None) -> str:
     """The key of ``params`` (a model's ``named_parameters``) that a checkpoint name refers to.
 
     transformers 5 nests VLM language models under ``model.language_model.`` and the vision tower under
     ``model.visual.``, while checkpoints (and our exporter) keep the flat names; both spellings are accepted.
+    ``mapped`` is the family's own mapping of ``name`` (``family.transformers_name``), tried first.
     """
-    candidates = [name, "model." + name]
+    candidates = ([mapped] if mapped else []) + [name, "model." + name]
     if name.startswith("model."):
         candidates.append("model.language_model." + name[len("model."):])
     for candidate in candidates:
@@ -224,7 +225,7 @@ class HFRolloutEngine(RolloutEngine):
         params = dict(self.model.named_parameters(remove_duplicate=False))
         received = 0
         for name, tensor in weights:
-            target = params[resolve_parameter_name(self.family.transformers_name(name), params)]
+            target = params[resolve_parameter_name(name, params, self.family.transformers_name(name))]
             if target.shape != tensor.shape:
                 raise ValueError(f"update_weights: {name!r} has shape {tuple(tensor.shape)}, "
                                  f"the model expects {tuple(target.shape)}")
