@@ -20,9 +20,9 @@ def _real_static_bytes(rank, world_size, model_dir):
     from transformers import AutoConfig
 
     from megatron_vlmr1.trainer.config import ModelConfig, OptimConfig, ParallelConfig
-    from megatron_vlmr1.trainer.distributed import init_parallel
+    from megatron_vlmr1.parallel import init_parallel
     from megatron_vlmr1.trainer.policy import ActorModel
-    from megatron_vlmr1.vlm.base import get_family
+    from megatron_vlmr1.vlm.families import get_family
 
     env = init_parallel(ParallelConfig(tp=2, pp=2, device="cpu"), seed=0)
     hf_config = AutoConfig.from_pretrained(model_dir)

@@ -47,7 +47,7 @@ def _drive(config_path: str, out_path: str, *overrides: str) -> None:
     def recording_collect(step, metrics):
         generated.clear()
         out = collect(step, metrics)
-        record["steps"][step] = {"data": _digest(out[1]), "generated": sum(generated)}
+        record["steps"][step] = {"data": _digest(out.results), "generated": sum(generated)}
         return out
 
     trainer.collect, trainer.engine.generate = recording_collect, counting_generate
