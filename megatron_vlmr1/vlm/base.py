@@ -175,9 +175,11 @@ class VLMFamily(abc.ABC):
         return "te"
 
     # -- the input side: what trainers and engines call, so they never branch on the model name --------------
-    @abc.abstractmethod
     def load_processor(self, hf_dir: str | os.PathLike) -> ProcessorMixin:
         """The HF processor (tokenizer + image processor) saved with the checkpoint."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(hf_dir)
 
     @abc.abstractmethod
     def render_prompt(self, processor: ProcessorMixin, messages: Sequence[ChatMessage]) -> str:

@@ -1,7 +1,6 @@
 """The InternVL ``VLMFamily``: transformers-native InternVL (``model_type: internvl``, the ``*-hf`` checkpoints)."""
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -65,11 +64,6 @@ class InternVLFamily(VLMFamily):
 
     def transformers_name(self, checkpoint_name: str) -> str:
         return weights.to_transformers_name(checkpoint_name)
-
-    def load_processor(self, hf_dir: str | os.PathLike) -> ProcessorMixin:
-        from transformers import AutoProcessor
-
-        return AutoProcessor.from_pretrained(hf_dir)
 
     def render_prompt(self, processor: ProcessorMixin, messages: Sequence[ChatMessage]) -> str:
         return inputs.render_prompt(processor, messages)

@@ -1,7 +1,6 @@
 """The Qwen-VL ``VLMFamily``: Qwen2-VL and Qwen2.5-VL (same language model, different vision towers)."""
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Sequence
 
 import torch
@@ -64,11 +63,6 @@ class QwenVLFamily(VLMFamily):
 
     def transformers_name(self, checkpoint_name: str) -> str:
         return weights.to_transformers_name(checkpoint_name)
-
-    def load_processor(self, hf_dir: str | os.PathLike) -> ProcessorMixin:
-        from transformers import AutoProcessor
-
-        return AutoProcessor.from_pretrained(hf_dir)
 
     def render_prompt(self, processor: ProcessorMixin, messages: Sequence[ChatMessage]) -> str:
         return inputs.render_prompt(processor, messages)
