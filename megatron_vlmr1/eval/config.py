@@ -100,8 +100,8 @@ class EvalConfig:
     ``predictions``: jsonl with ``id``, ``completion`` and optional ``split`` / ``image_size`` / ``resized_size``;
     without it, the command line runs ``model`` and writes ``predictions.jsonl`` beside ``output`` (library callers
     may pass a ``generate`` callable instead). ``batch_size``: prompts per generation call (and engine batch).
-    ``box_space``: coordinate space of predicted REC boxes (see ``megatron_vlmr1.rewards.boxes``); ``auto`` (the
-    default, as in training) is the convention of ``model.path``'s family, or ``abs`` when no model is given.
+    ``box_space``: coordinate space of predicted boxes, REC and OVD (see ``megatron_vlmr1.rewards.boxes``); ``auto``
+    (the default, as in training) is the convention of ``model.path``'s family, or ``abs`` when no model is given.
     """
 
     task: Literal["rec", "ovd"] = "rec"

@@ -87,7 +87,7 @@ def evaluate(cfg: EvalConfig, generate: Generate | None = None) -> dict[str, Any
             splits[split.name] = score_rec_split(samples, preds, cfg.iou_threshold, box_space, split.image_root)
         else:
             assert split.coco_gt is not None
-            splits[split.name] = score_ovd_split(samples, preds, split.coco_gt)
+            splits[split.name] = score_ovd_split(samples, preds, split.coco_gt, box_space, split.image_root)
     report: dict[str, Any] = {
         "task": cfg.task,
         "predictions": cfg.predictions,

@@ -15,7 +15,7 @@ from megatron_vlmr1.data import target_image
 from megatron_vlmr1.eval.io import Prediction, SplitLine, load_coco_json, sample_solution
 from megatron_vlmr1.rewards.boxes import box_iou, greedy_match, iou_matrix, to_original_space
 from megatron_vlmr1.rewards.coco import coco_bbox_ap, coco_from_dataset, xyxy_to_xywh
-from megatron_vlmr1.rewards.parsing import first_box, parse_boxes, reference_boxes
+from megatron_vlmr1.rewards.parsing import LabeledBox, first_box, parse_boxes, reference_boxes
 
 OVD_MATCH_IOU = 0.5
 
@@ -39,6 +39,14 @@ def _image_size(sample: SplitLine, prediction: Prediction, image_root: str | Non
         raise ValueError(f"{sample.where}: image {path} not found (needed for its size)")
     with Image.open(path) as handle:
         return list(handle.size)
+
+
+def _coco_or_sample_size(coco_image: dict[str, Any], sample: SplitLine, prediction: Prediction,
+                         image_root: str | None) -> Any:
+    """Original (width, height) of an OVD sample: the prediction's, else the COCO image entry's, else as for REC."""
+    if prediction.image_size is None and "width" in coco_image and "height" in coco_image:
+        return [coco_image["width"], coco_image["height"]]
+    return _image_size(sample, prediction, image_root)
 
 
 def score_rec_split(
@@ -88,9 +96,16 @@ def _label(label: str | None) -> str:
 
 
 def score_ovd_split(
-    samples: list[SplitLine], predictions: dict[Any, Prediction], coco_gt_path: str | Path
+    samples: list[SplitLine],
+    predictions: dict[Any, Prediction],
+    coco_gt_path: str | Path,
+    box_space: str = "abs",
+    image_root: str | None = None,
 ) -> dict[str, Any]:
     """OVD metrics of one split against its COCO ground truth.
+
+    Predicted boxes are first rescaled from ``box_space`` to original-image pixels (as the OVD rewards do); the
+    original size comes from the prediction, the COCO image entry, the data line or the image file, in that order.
 
     ``map`` / ``ap50``: pycocotools ``COCOeval`` (bbox) over the split's images; every predicted box gets score
     1.0 (completions carry no confidences), and a label that is not a COCO category name (compared after
@@ -118,6 +133,11 @@ def score_ovd_split(
         image_ids.append(image_id)
         prediction = predictions.get(sample.id)
         boxes = parse_boxes(prediction.completion) if prediction is not None else []
+        if boxes and box_space != "abs":
+            assert prediction is not None
+            size = _coco_or_sample_size(coco_gt.imgs[image_id], sample, prediction, image_root)
+            boxes = [LabeledBox(to_original_space(b.box, box_space, size, prediction.resized_size), b.label)
+                     for b in boxes]
         gts = gt_by_image.get(image_id, [])
         known = [(category_ids[_label(b.label)], b.box) for b in boxes or [] if _label(b.label) in category_ids]
         detections += [

@@ -15,7 +15,9 @@ OVD rules (VLM-R1's semantics, made explicit):
 - ``map_len`` multiplies AP@[.5:.95] by ``min(1, L_gt / L_pred)`` where ``L_pred`` counts every valid predicted box,
   including dropped labels, so padding the answer with junk labels is still penalised;
 - COCO evaluation keeps at most 100 detections per category (pycocotools' ``maxDets``); all scores are 1.0, so
-  ties keep the answer's order.
+  ties keep the answer's order;
+- predicted boxes are rescaled from ``box_space`` to the original image first, as for ``iou`` (InternVL and
+  Qwen2-VL answer in 0-1000 coordinates, the ground truth is in pixels).
 """
 from __future__ import annotations
 
@@ -53,11 +55,26 @@ def iou_reward(
     refs = reference_boxes(solution)
     if pred is None or not refs:
         return 0.0
+    pred = to_original_space(pred, box_space, _original_size(image_size, image_sizes, target_image), resized_size)
+    return max(box_iou(pred, ref) for ref in refs)
+
+
+def _original_size(image_size: Any, image_sizes: Any, target_image: Any) -> Any:
+    """``image_size`` (w, h), else the data loader's ``image_sizes[target_image]`` (``target_image`` defaults to 0)."""
     if image_size is None and isinstance(image_sizes, (list, tuple)) and image_sizes:
         index = target_image if isinstance(target_image, int) and 0 <= target_image < len(image_sizes) else 0
-        image_size = image_sizes[index]
-    pred = to_original_space(pred, box_space, image_size, resized_size)
-    return max(box_iou(pred, ref) for ref in refs)
+        return image_sizes[index]
+    return image_size
+
+
+def _predicted_boxes(text: str, box_space: str, image_size: Any, image_sizes: Any, target_image: Any,
+                     resized_size: Any) -> list[LabeledBox]:
+    """The answer's labelled boxes rescaled from ``box_space`` to the original image (as ``iou`` does)."""
+    preds = parse_boxes(text) or []
+    if box_space == "abs" or not preds:
+        return preds
+    size = _original_size(image_size, image_sizes, target_image)
+    return [LabeledBox(to_original_space(p.box, box_space, size, resized_size), p.label) for p in preds]
 
 
 def _label(box: LabeledBox) -> str:
@@ -103,11 +120,12 @@ def single_image_ap(preds: list[LabeledBox], gts: list[LabeledBox]) -> tuple[flo
     return coco_bbox_ap(coco_from_dataset(dataset), detections)
 
 
-def _ovd_score(text: str, solution: Any, use_ap50: bool, length_penalty: bool) -> float:
+def _ovd_score(text: str, solution: Any, use_ap50: bool, length_penalty: bool, box_space: str, image_size: Any,
+               resized_size: Any, image_sizes: Any, target_image: Any) -> float:
     gts = ovd_ground_truth(solution)
     if not gts:
         return 1.0 if says_no_objects(text) else 0.0
-    preds = parse_boxes(text)
+    preds = _predicted_boxes(text, box_space, image_size, image_sizes, target_image, resized_size)
     if not preds:
         return 0.0
     ap, ap50 = single_image_ap(preds, gts)
@@ -118,25 +136,33 @@ def _ovd_score(text: str, solution: Any, use_ap50: bool, length_penalty: bool) -
 
 
 @register_sample_reward("ap")
-def ap_reward(text: str, /, solution: Any = None, **_: Any) -> float:
+def ap_reward(text: str, /, solution: Any = None, box_space: str = "abs", image_size: Any = None,
+              resized_size: Any = None, image_sizes: Any = None, target_image: Any = None, **_: Any) -> float:
     """COCO AP@[.5:.95] of the answer's labelled boxes against the solution's (one image)."""
-    return _ovd_score(text, solution, use_ap50=False, length_penalty=False)
+    return _ovd_score(text, solution, use_ap50=False, length_penalty=False, box_space=box_space, image_size=image_size,
+                      resized_size=resized_size, image_sizes=image_sizes, target_image=target_image)
 
 
 @register_sample_reward("ap50")
-def ap50_reward(text: str, /, solution: Any = None, **_: Any) -> float:
+def ap50_reward(text: str, /, solution: Any = None, box_space: str = "abs", image_size: Any = None,
+                resized_size: Any = None, image_sizes: Any = None, target_image: Any = None, **_: Any) -> float:
     """COCO AP at IoU 0.5 of the answer's labelled boxes against the solution's (one image)."""
-    return _ovd_score(text, solution, use_ap50=True, length_penalty=False)
+    return _ovd_score(text, solution, use_ap50=True, length_penalty=False, box_space=box_space, image_size=image_size,
+                      resized_size=resized_size, image_sizes=image_sizes, target_image=target_image)
 
 
 @register_sample_reward("map_len")
-def map_len_reward(text: str, /, solution: Any = None, **_: Any) -> float:
+def map_len_reward(text: str, /, solution: Any = None, box_space: str = "abs", image_size: Any = None,
+                   resized_size: Any = None, image_sizes: Any = None, target_image: Any = None, **_: Any) -> float:
     """AP@[.5:.95] times the redundancy penalty ``min(1, L_gt / L_pred)`` (VLM-R1's ``odLength``)."""
-    return _ovd_score(text, solution, use_ap50=False, length_penalty=True)
+    return _ovd_score(text, solution, use_ap50=False, length_penalty=True, box_space=box_space, image_size=image_size,
+                      resized_size=resized_size, image_sizes=image_sizes, target_image=target_image)
 
 
 @register_sample_reward("weighted_sum")
-def weighted_sum_reward(text: str, /, solution: Any = None, **_: Any) -> float:
+def weighted_sum_reward(text: str, /, solution: Any = None, box_space: str = "abs", image_size: Any = None,
+                        resized_size: Any = None, image_sizes: Any = None, target_image: Any = None,
+                        **_: Any) -> float:
     """``0.7 * position + 0.3 * completeness`` with greedy matching at IoU 0.5 (VLM-R1's ``detection_score``).
 
     position = sum of matched IoUs / L_gt, where a match with the wrong label contributes 0 (but still consumes
@@ -146,7 +172,7 @@ def weighted_sum_reward(text: str, /, solution: Any = None, **_: Any) -> float:
     gts = ovd_ground_truth(solution)
     if not gts:
         return 1.0 if says_no_objects(text) else 0.0
-    preds = parse_boxes(text)
+    preds = _predicted_boxes(text, box_space, image_size, image_sizes, target_image, resized_size)
     if not preds:
         return 0.0
     matches = greedy_match(iou_matrix([p.box for p in preds], [g.box for g in gts]), WEIGHTED_SUM_IOU)

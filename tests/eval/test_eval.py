@@ -1,4 +1,5 @@
 """Evaluation on hand-made split / prediction files: REC accuracy, OVD mAP, reports, errors, the generate seam."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -193,6 +194,31 @@ def test_ovd_missing_and_unparseable_predictions(ovd_files, tmp_path):
     split = evaluate(ovd_files)["splits"]["val"]
     assert (split["map"], split["ap50"], split["precision"], split["recall"]) == (0.0, 0.0, 0.0, 0.0)
     assert (split["num_missing"], split["num_unparseable"]) == (1, 1)
+
+
+def test_ovd_boxes_are_rescaled_from_the_models_box_space(ovd_files, tmp_path):
+    """norm1000 answers (InternVL's space, from ``box_space: auto`` and the model's config) score like the pixel
+    answers of the hand-made file; the 64x64 size comes from the COCO image entry, or the prediction when given."""
+    from transformers import InternVLConfig
+
+    pixels = evaluate(ovd_files)["splits"]["val"]
+    to_norm = 1000 / 64
+    norm_lines = []
+    for line in Path(ovd_files.predictions).read_text().splitlines():
+        row = json.loads(line)
+        items = json.loads(row["completion"].split("```json\n")[1].split("\n```")[0])
+        items = [{**item, "bbox_2d": [v * to_norm for v in item["bbox_2d"]]} for item in items]
+        norm_lines.append({**row, "completion": ovd_answer(items)})
+    norm_lines[1]["image_size"] = [64, 64]
+    InternVLConfig().save_pretrained(tmp_path / "internvl")
+    ovd_files.predictions = write_jsonl(tmp_path / "norm.jsonl", norm_lines)
+    ovd_files.model = EvalModelConfig(path=str(tmp_path / "internvl"))
+    report = evaluate(ovd_files)
+    assert report["settings"]["box_space"] == "norm1000"
+    split = report["splits"]["val"]
+    for key in ("map", "ap50", "precision", "recall"):
+        assert split[key] == pytest.approx(pixels[key]), key
+    assert evaluate(dataclasses.replace(ovd_files, box_space="abs"))["splits"]["val"]["recall"] < pixels["recall"]
 
 
 # ---------------------------------------------------------------- report, CLI, errors

@@ -228,6 +228,23 @@ def _direct_pycocotools_ap(tmp_path, preds, gts):
     return max(evaluator.stats[0], 0.0), max(evaluator.stats[1], 0.0)
 
 
+@pytest.mark.parametrize("name", ["ap", "ap50", "map_len", "weighted_sum"])
+def test_ovd_rewards_rescale_prediction_spaces(name):
+    """Boxes answered in 0-1000 (InternVL, Qwen2-VL) or resized pixels are rescaled to the original image first."""
+    gt = ovd_answer([{"bbox_2d": [20, 20, 40, 40], "label": "cat"}, {"bbox_2d": [100, 50, 150, 90], "label": "dog"}])
+    norm = ovd_answer([{"bbox_2d": [100, 200, 200, 400], "label": "cat"},
+                       {"bbox_2d": [500, 500, 750, 900], "label": "dog"}])  # x * 200 / 1000, y * 100 / 1000
+    resized = ovd_answer([{"bbox_2d": [10, 10, 20, 20], "label": "cat"}, {"bbox_2d": [50, 25, 75, 45], "label": "dog"}])
+    assert score(name, norm, solution=gt, box_space="norm1000", image_size=[200, 100]) == pytest.approx(1.0)
+    assert score(name, resized, solution=gt, box_space="resized", image_size=[200, 100],
+                 resized_size=[100, 50]) == pytest.approx(1.0)
+    assert score(name, norm, solution=gt, box_space="norm1000", image_sizes=[[50, 50], [200, 100]],
+                 target_image=1) == pytest.approx(1.0)
+    assert score(name, norm, solution=gt) < 0.5  # the same text read as pixels misses
+    with pytest.raises(ValueError, match="image_size"):
+        score(name, norm, solution=gt, box_space="norm1000")
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_ap_equals_direct_pycocotools(tmp_path, seed):
     rng = np.random.default_rng(seed)
