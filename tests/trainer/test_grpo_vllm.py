@@ -2,7 +2,8 @@
 
 CLI runs in subprocesses (vLLM pins CPU threads and keeps global state): ``python -m megatron_vlmr1 train
 --config FILE rollout.engine=vllm ...`` on the tiny Qwen2.5-VL, fp32: one single-rank run with truncated importance
-sampling on (shared by the first three tests), and one run with the trainer at TP=2.
+sampling on (shared by the first three tests), and one run with the trainer at TP=2. Then the tiny InternVL, on a
+micro-batch that mixes a two-image prompt with single-image ones.
 """
 from __future__ import annotations
 
@@ -31,11 +32,13 @@ def _checkpoint_bytes(model_dir: Path) -> int:
         return sum(fh.get_tensor(k).numel() * fh.get_tensor(k).element_size() for k in fh.keys())
 
 
-def _train(model: Path, data: Path, out: Path, overrides: list[str], launcher: list[str]) -> tuple[list[dict], str]:
+def _train(model: Path, data: Path | list[Path], out: Path, overrides: list[str],
+           launcher: list[str]) -> tuple[list[dict], str]:
+    files = data if isinstance(data, list) else [data]
     config = {
         "model": {"path": str(model)},
         "parallel": {"device": "cpu"},
-        "data": {"files": [str(data)], "task": "rec"},
+        "data": {"files": [str(f) for f in files], "task": "rec"},
         "rollout": {"max_model_len": 512, "max_num_seqs": 8, "sampling": {"max_new_tokens": 12}},
         "algo": {"group_size": 4, "beta": 0.0},
         "rewards": [{"name": REWARD, "weight": 1.0}],
@@ -102,3 +105,29 @@ def test_training_tensor_parallelism_is_independent_of_vllm(rec_data, tmp_path):
         assert record["rollout_prompts_generated"] == 2
         assert record["rollout_logprob_gap"] < 1e-4 and record["rollout_logprob_gap_max"] < 1e-3, record
         assert record["grad_norm"] > 0 and record["sync_gib"] == pytest.approx(_checkpoint_bytes(model) / 2**30)
+
+
+def test_internvl_multi_image_rollouts_match_the_trainer_after_every_sync(tiny_internvl, rec_data, tmp_path):
+    """InternVL with vLLM: step 1's micro-batch holds a two-image prompt (each image tiled, its own ``<img>`` block)
+    beside a single-image one; vLLM's per-token log-probs, sampled under the weights synced that step, equal the
+    megatron actor's re-scoring of the same rows (the trainer built them from vLLM's own encoded prompts)."""
+    from megatron_vlmr1.data import DataConfig, load_samples
+    from megatron_vlmr1.data.synthetic import make_dataset
+
+    two_images = make_dataset("rec", tmp_path / "two_images", n=1, seed=0, n_test=0, images_per_sample=2,
+                              difficulty="easy")["train"]
+    files = [two_images, rec_data]
+    first_step = load_samples(DataConfig(files=[str(f) for f in files], task="rec", shuffle=False))[:2]
+    assert [len(s.image_paths) for s in first_step] == [2, 1]  # data.shuffle=false: file order
+    records, _ = _train(tiny_internvl, files, tmp_path / "run",
+                        ["data.shuffle=false", "train.steps=2", "train.micro_batch_size=8", "rollout.tp=1"], [])
+    assert [r["step"] for r in records] == [1, 2]
+    for record in records:
+        assert record["rollout_logprob_gap"] < 1e-4 and record["rollout_logprob_gap_max"] < 1e-3, record
+        assert record["grad_norm"] > 0, record
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["box_space"] == "norm1000"
+    before = load_file(tiny_internvl / "model.safetensors")
+    after = load_file(tmp_path / "run" / "hf" / "model.safetensors")
+    assert after.keys() == before.keys()
+    assert max((after[k] - before[k]).abs().max().item() for k in before) > 1e-2  # vLLM followed moving weights
