@@ -20,7 +20,7 @@ from PIL import Image
 from megatron_vlmr1.data.schema import load_image
 from megatron_vlmr1.parallel import ParallelEnv
 from megatron_vlmr1.registry import Registry
-from megatron_vlmr1.vlm.inputs import ChatMessage, EncodedPrompt, ImageInput, PromptBatch, TrainingBatch
+from megatron_vlmr1.vlm.inputs import ChatMessage, EncodedPrompt, ImageInput, PromptBatch, TrainingBatch, render_prompt
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase, ProcessorMixin
@@ -181,9 +181,9 @@ class VLMFamily(abc.ABC):
 
         return AutoProcessor.from_pretrained(hf_dir)
 
-    @abc.abstractmethod
     def render_prompt(self, processor: ProcessorMixin, messages: Sequence[ChatMessage]) -> str:
         """The chat template applied with a generation prompt: one (unexpanded) vision block per image slot."""
+        return render_prompt(processor, messages)
 
     def load_image(self, image: ImageInput) -> Image.Image:
         """RGB image, upscaled to ``min_image_side`` when smaller (the one loader of training, rollout and eval)."""

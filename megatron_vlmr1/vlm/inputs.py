@@ -15,15 +15,18 @@ Layout conventions (every family follows them):
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from megatron_vlmr1.data.messages import ChatMessage, ContentItem, count_images
 from megatron_vlmr1.data.schema import ImageInput
 
+if TYPE_CHECKING:
+    from transformers import ProcessorMixin
+
 __all__ = ["ChatMessage", "ContentItem", "EncodedPrompt", "ImageGeometry", "ImageInput", "PromptBatch",
-           "TrainingBatch", "cat_or_none", "count_images", "pad_rows"]
+           "TrainingBatch", "cat_or_none", "count_images", "pad_rows", "render_prompt"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +90,10 @@ class TrainingBatch:
     pixel_values: torch.Tensor | None
     image_grid_thw: torch.Tensor | None
 
+
+def render_prompt(processor: ProcessorMixin, messages: Sequence[ChatMessage]) -> str:
+    """The processor's chat template applied with ``add_generation_prompt=True``: one vision block per image slot."""
+    return processor.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
 
 
 def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:

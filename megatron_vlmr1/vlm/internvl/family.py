@@ -6,9 +6,10 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from megatron_vlmr1.parallel import ParallelEnv
-from megatron_vlmr1.vlm.base import ModelLayout, VLMFamily, WeightSpec, register_family
+from megatron_vlmr1.vlm.base import register_family
+from megatron_vlmr1.vlm.gpt_family import GPTFamily
 from megatron_vlmr1.vlm.gpt_vlm import layer_spec
-from megatron_vlmr1.vlm.inputs import ChatMessage, EncodedPrompt, ImageInput, PromptBatch, TrainingBatch
+from megatron_vlmr1.vlm.inputs import EncodedPrompt, PromptBatch, TrainingBatch
 from megatron_vlmr1.vlm.internvl import processor as inputs
 from megatron_vlmr1.vlm.internvl import weights
 from megatron_vlmr1.vlm.internvl.model import InternVLModel, InternVLVisual, check_supported, transformer_config
@@ -19,11 +20,13 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig, ProcessorMixin
 
 
-class InternVLFamily(VLMFamily):
+class InternVLFamily(GPTFamily):
     model_types = ("internvl",)
     end_of_turn = "<|im_end|>"
     vision_placeholders = inputs.PLACEHOLDER_TOKENS
     min_image_side = 28  # one merged 2x2 group of 14-pixel patches, as for Qwen-VL; tiles are resized anyway
+    weights = weights
+    inputs = inputs
 
     def default_box_space(self, model_type: str) -> str:
         """InternVL answers boxes as [x1, y1, x2, y2] on a 0-1000 grid over the original image."""
@@ -55,23 +58,6 @@ class InternVLFamily(VLMFamily):
             visual = InternVLVisual(hf_config, torch.float32)
         return list(visual.state_dict().keys())
 
-    def weight_specs(self, hf_config: PretrainedConfig, layout: ModelLayout | None = None) -> list[WeightSpec]:
-        layout = layout or self.layout(hf_config)
-        return weights.weight_specs(hf_config, layout, self.vision_weight_names(hf_config))
-
-    def checkpoint_name(self, hf_name: str) -> str:
-        return weights.to_checkpoint_name(hf_name)
-
-    def transformers_name(self, checkpoint_name: str) -> str:
-        return weights.to_transformers_name(checkpoint_name)
-
-    def render_prompt(self, processor: ProcessorMixin, messages: Sequence[ChatMessage]) -> str:
-        return inputs.render_prompt(processor, messages)
-
-    def encode_prompt(self, processor: ProcessorMixin, messages: Sequence[ChatMessage],
-                      images: Sequence[ImageInput]) -> EncodedPrompt:
-        return inputs.encode_prompt(processor, messages, images, open_image=self.load_image)
-
     def collate_prompts(self, processor: ProcessorMixin, hf_config: PretrainedConfig,
                         prompts: Sequence[EncodedPrompt]) -> PromptBatch:
         return inputs.collate_prompts(prompts, self.pad_token_id(processor))
@@ -79,9 +65,6 @@ class InternVLFamily(VLMFamily):
     def training_batch(self, processor: ProcessorMixin, hf_config: PretrainedConfig,
                        prompts: Sequence[EncodedPrompt], completions: Sequence[Sequence[int]]) -> TrainingBatch:
         return inputs.build_training_batch(prompts, completions, self.pad_token_id(processor))
-
-    def image_token_id(self, processor: ProcessorMixin) -> int:
-        return inputs.image_token_id(processor)
 
     def transformers_position_ids(self, position_ids: torch.Tensor) -> torch.Tensor:
         """The language model is a plain Qwen2: one axis of the [3, b, s] positions (all three are equal)."""

@@ -31,8 +31,8 @@ from megatron_vlmr1.vlm.inputs import (
     cat_or_none,
     count_images,
     pad_rows,
+    render_prompt,
 )
-from megatron_vlmr1.vlm.qwen_vl.processor import render_prompt
 
 START_IMAGE, END_IMAGE, IMAGE_CONTEXT, VIDEO = "<img>", "</img>", "<IMG_CONTEXT>", "<video>"
 # Tokens that only ever mark image/video positions; no engine may sample them (the family's vision_placeholders).

@@ -6,9 +6,10 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from megatron_vlmr1.parallel import ParallelEnv
-from megatron_vlmr1.vlm.base import ModelLayout, VLMFamily, WeightSpec, register_family
+from megatron_vlmr1.vlm.base import register_family
+from megatron_vlmr1.vlm.gpt_family import GPTFamily
 from megatron_vlmr1.vlm.gpt_vlm import layer_spec
-from megatron_vlmr1.vlm.inputs import ChatMessage, EncodedPrompt, ImageInput, PromptBatch, TrainingBatch
+from megatron_vlmr1.vlm.inputs import EncodedPrompt, PromptBatch, TrainingBatch
 from megatron_vlmr1.vlm.qwen_vl import processor as inputs
 from megatron_vlmr1.vlm.qwen_vl import weights
 from megatron_vlmr1.vlm.qwen_vl.model import QwenVLModel, transformer_config, vision_class
@@ -18,11 +19,13 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig, ProcessorMixin
 
 
-class QwenVLFamily(VLMFamily):
+class QwenVLFamily(GPTFamily):
     model_types = ("qwen2_5_vl", "qwen2_vl")
     end_of_turn = "<|im_end|>"
     vision_placeholders = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
     min_image_side = 28  # one merged 2x2 group of 14-pixel patches
+    weights = weights
+    inputs = inputs
 
     def default_box_space(self, model_type: str) -> str:
         """Qwen2.5-VL grounds in pixels of the resized image it was fed; Qwen2-VL in 0-1000 coordinates."""
@@ -54,23 +57,6 @@ class QwenVLFamily(VLMFamily):
             tower = vision_class(hf_config.model_type)._from_config(hf_config.vision_config)
         return list(tower.state_dict().keys())
 
-    def weight_specs(self, hf_config: PretrainedConfig, layout: ModelLayout | None = None) -> list[WeightSpec]:
-        layout = layout or self.layout(hf_config)
-        return weights.weight_specs(hf_config, layout, self.vision_weight_names(hf_config))
-
-    def checkpoint_name(self, hf_name: str) -> str:
-        return weights.to_checkpoint_name(hf_name)
-
-    def transformers_name(self, checkpoint_name: str) -> str:
-        return weights.to_transformers_name(checkpoint_name)
-
-    def render_prompt(self, processor: ProcessorMixin, messages: Sequence[ChatMessage]) -> str:
-        return inputs.render_prompt(processor, messages)
-
-    def encode_prompt(self, processor: ProcessorMixin, messages: Sequence[ChatMessage],
-                      images: Sequence[ImageInput]) -> EncodedPrompt:
-        return inputs.encode_prompt(processor, messages, images, open_image=self.load_image)
-
     def collate_prompts(self, processor: ProcessorMixin, hf_config: PretrainedConfig,
                         prompts: Sequence[EncodedPrompt]) -> PromptBatch:
         return inputs.collate_prompts(prompts, self.pad_token_id(processor), self.image_token_id(processor),
@@ -81,9 +67,6 @@ class QwenVLFamily(VLMFamily):
         return inputs.build_training_batch(prompts, completions, self.pad_token_id(processor),
                                            self.image_token_id(processor),
                                            hf_config.vision_config.spatial_merge_size)
-
-    def image_token_id(self, processor: ProcessorMixin) -> int:
-        return inputs.image_token_id(processor)
 
 
 QWEN_VL = register_family(QwenVLFamily())

@@ -28,6 +28,7 @@ from megatron_vlmr1.vlm.inputs import (
     TrainingBatch,
     cat_or_none,
     pad_rows,
+    render_prompt,
 )
 
 if TYPE_CHECKING:
@@ -36,11 +37,6 @@ if TYPE_CHECKING:
 __all__ = ["EncodedPrompt", "ImageGeometry", "PromptBatch", "TrainingBatch", "build_training_batch",
            "collate_prompts", "encode_prompt", "expand_image_tokens", "image_token_id", "image_tokens_per_image",
            "mrope_position_ids", "render_prompt"]
-
-def render_prompt(processor: ProcessorMixin, messages: Sequence[ChatMessage]) -> str:
-    """The chat template applied with ``add_generation_prompt=True``: one vision block per image slot."""
-    return processor.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-
 
 def image_tokens_per_image(image_grid_thw: torch.Tensor, merge_size: int) -> list[int]:
     """Merged vision tokens per image: ``t * h * w / merge_size**2`` for each row of ``image_grid_thw`` [n, 3]."""
