@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from transformers import ProcessorMixin
 
 __all__ = ["ChatMessage", "ContentItem", "EncodedPrompt", "ImageGeometry", "ImageInput", "PromptBatch",
-           "TrainingBatch", "cat_or_none", "count_images", "pad_rows", "render_prompt"]
+           "TrainingBatch", "cat_or_none", "count_images", "generation_rows", "pad_rows", "render_prompt",
+           "template_ids", "training_rows"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +97,13 @@ def render_prompt(processor: ProcessorMixin, messages: Sequence[ChatMessage]) ->
     return processor.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
 
 
+def template_ids(processor: ProcessorMixin, messages: Sequence[ChatMessage], images: Sequence[ImageInput]) -> list[int]:
+    """The rendered prompt's token ids, one unexpanded image token per slot (checked against ``images``)."""
+    if count_images(messages) != len(images):
+        raise ValueError(f"messages have {count_images(messages)} image slots but {len(images)} images were given")
+    return processor.tokenizer(render_prompt(processor, messages), add_special_tokens=False)["input_ids"]
+
+
 def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows -> (input_ids, attention_mask) [len(rows), longest], padded on the left or the right."""
     width = max(len(row) for row in rows)
@@ -106,6 +114,30 @@ def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[to
         input_ids[index, columns] = torch.tensor(row, dtype=torch.long)
         attention_mask[index, columns] = 1
     return input_ids, attention_mask
+
+
+def generation_rows(prompts: Sequence[EncodedPrompt], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of a generation batch: the prompts left-padded."""
+    if not prompts:
+        raise ValueError("collate_prompts needs at least one prompt")
+    return pad_rows([p.input_ids for p in prompts], pad_id, left=True)
+
+
+def training_rows(prompts: Sequence[EncodedPrompt], completions: Sequence[Sequence[int]],
+                  pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, completion_mask, prompt_lengths) of right-padded ``prompt + completion`` rows
+    (row i pairs ``prompts[i]`` with ``completions[i]``); the family adds its position ids and pixels."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    if not prompts:
+        raise ValueError("build_training_batch needs at least one row")
+    rows = [list(p.input_ids) + list(c) for p, c in zip(prompts, completions)]
+    input_ids, attention_mask = pad_rows(rows, pad_id, left=False)
+    completion_mask = torch.zeros_like(attention_mask)
+    for index, (prompt, completion) in enumerate(zip(prompts, completions)):
+        completion_mask[index, len(prompt.input_ids):len(prompt.input_ids) + len(completion)] = 1
+    prompt_lengths = torch.tensor([len(p.input_ids) for p in prompts], dtype=torch.long)
+    return input_ids, attention_mask, completion_mask, prompt_lengths
 
 
 def cat_or_none(tensors: Sequence[torch.Tensor | None]) -> torch.Tensor | None:

@@ -29,9 +29,9 @@ from megatron_vlmr1.vlm.inputs import (
     PromptBatch,
     TrainingBatch,
     cat_or_none,
-    count_images,
-    pad_rows,
-    render_prompt,
+    generation_rows,
+    template_ids,
+    training_rows,
 )
 
 START_IMAGE, END_IMAGE, IMAGE_CONTEXT, VIDEO = "<img>", "</img>", "<IMG_CONTEXT>", "<video>"
@@ -83,10 +83,7 @@ def encode_prompt(processor: Any, messages: Sequence[ChatMessage], images: Seque
 
     ``open_image`` loads a path or PIL image (the family's loader: RGB, upscaled to the minimum side).
     """
-    if count_images(messages) != len(images):
-        raise ValueError(f"messages have {count_images(messages)} image slots but {len(images)} images were given")
-    text = render_prompt(processor, messages)
-    ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = template_ids(processor, messages, images)
     if not images:
         if image_token_id(processor) in ids:
             raise ValueError("the rendered prompt holds <IMG_CONTEXT> but no images were given")
@@ -116,9 +113,7 @@ def batch_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 def collate_prompts(prompts: Sequence[EncodedPrompt], pad_id: int) -> PromptBatch:
     """Left-pad prompts into one generation batch; 1-D positions as [3, b, s] (``rope_deltas`` 0: positions count
     tokens)."""
-    if not prompts:
-        raise ValueError("collate_prompts needs at least one prompt")
-    input_ids, attention_mask = pad_rows([p.input_ids for p in prompts], pad_id, left=True)
+    input_ids, attention_mask = generation_rows(prompts, pad_id)
     return PromptBatch(input_ids, attention_mask, batch_position_ids(attention_mask),
                        torch.zeros(len(prompts), dtype=torch.long), cat_or_none([p.pixel_values for p in prompts]),
                        None)
@@ -130,15 +125,6 @@ def build_training_batch(prompts: Sequence[EncodedPrompt], completions: Sequence
 
     As for Qwen-VL, a prompt repeated G times repeats its tiles, so every row is self-contained.
     """
-    if len(prompts) != len(completions):
-        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-    if not prompts:
-        raise ValueError("build_training_batch needs at least one row")
-    rows = [list(p.input_ids) + list(c) for p, c in zip(prompts, completions)]
-    input_ids, attention_mask = pad_rows(rows, pad_id, left=False)
-    completion_mask = torch.zeros_like(attention_mask)
-    for index, (prompt, completion) in enumerate(zip(prompts, completions)):
-        completion_mask[index, len(prompt.input_ids):len(prompt.input_ids) + len(completion)] = 1
-    prompt_lengths = torch.tensor([len(p.input_ids) for p in prompts], dtype=torch.long)
+    input_ids, attention_mask, completion_mask, prompt_lengths = training_rows(prompts, completions, pad_id)
     return TrainingBatch(input_ids, attention_mask, batch_position_ids(attention_mask), completion_mask, prompt_lengths,
                          cat_or_none([p.pixel_values for p in prompts]), None)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 from PIL import Image
 
-from megatron_vlmr1.data.messages import ChatMessage, count_images
+from megatron_vlmr1.data.messages import ChatMessage
 from megatron_vlmr1.data.schema import load_image
 from megatron_vlmr1.vlm.inputs import (
     EncodedPrompt,
@@ -27,8 +27,10 @@ from megatron_vlmr1.vlm.inputs import (
     PromptBatch,
     TrainingBatch,
     cat_or_none,
-    pad_rows,
+    generation_rows,
     render_prompt,
+    template_ids,
+    training_rows,
 )
 
 if TYPE_CHECKING:
@@ -65,10 +67,7 @@ def encode_prompt(processor: ProcessorMixin, messages: Sequence[ChatMessage], im
 
     ``open_image`` loads a path or PIL image (the family's loader: RGB, upscaled to the minimum side).
     """
-    if count_images(messages) != len(images):
-        raise ValueError(f"messages have {count_images(messages)} image slots but {len(images)} images were given")
-    text = render_prompt(processor, messages)
-    ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = template_ids(processor, messages, images)
     if not images:
         return EncodedPrompt(ids, None, None, [])
     pil_images = [open_image(image) for image in images]
@@ -134,9 +133,7 @@ def mrope_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, im
 def collate_prompts(prompts: Sequence[EncodedPrompt], pad_id: int, image_token_id: int,
                     spatial_merge_size: int) -> PromptBatch:
     """Left-pad prompts into one generation batch with mrope positions."""
-    if not prompts:
-        raise ValueError("collate_prompts needs at least one prompt")
-    input_ids, attention_mask = pad_rows([p.input_ids for p in prompts], pad_id, left=True)
+    input_ids, attention_mask = generation_rows(prompts, pad_id)
     grid = cat_or_none([p.image_grid_thw for p in prompts])
     position_ids, deltas = mrope_position_ids(input_ids, attention_mask, grid, image_token_id, spatial_merge_size)
     return PromptBatch(input_ids, attention_mask, position_ids, deltas, cat_or_none([p.pixel_values for p in prompts]),
@@ -150,17 +147,8 @@ def build_training_batch(prompts: Sequence[EncodedPrompt], completions: Sequence
     Repeat a prompt G times in ``prompts`` for its G completions; its images are then repeated too, which keeps every
     row self-contained (a row can go to any micro-batch or data-parallel rank).
     """
-    if len(prompts) != len(completions):
-        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-    if not prompts:
-        raise ValueError("build_training_batch needs at least one row")
-    rows = [list(p.input_ids) + list(c) for p, c in zip(prompts, completions)]
-    input_ids, attention_mask = pad_rows(rows, pad_id, left=False)
-    completion_mask = torch.zeros_like(attention_mask)
-    for index, (prompt, completion) in enumerate(zip(prompts, completions)):
-        completion_mask[index, len(prompt.input_ids):len(prompt.input_ids) + len(completion)] = 1
+    input_ids, attention_mask, completion_mask, prompt_lengths = training_rows(prompts, completions, pad_id)
     grid = cat_or_none([p.image_grid_thw for p in prompts])
     position_ids, _ = mrope_position_ids(input_ids, attention_mask, grid, image_token_id, spatial_merge_size)
-    prompt_lengths = torch.tensor([len(p.input_ids) for p in prompts], dtype=torch.long)
     return TrainingBatch(input_ids, attention_mask, position_ids, completion_mask, prompt_lengths,
                          cat_or_none([p.pixel_values for p in prompts]), grid)
