@@ -11,19 +11,10 @@ import torch
 
 from tests.distributed import run_distributed
 from tests.vlm import qwen_vl_helpers as helpers
+from tests.vlm.model_checks import check_export, check_grads, check_logits, gathered_grads, reference_batches
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 RAW_LAYOUTS = [(1, 1), (2, 1), (2, 2)]  # where the trainer's path (raw [s, b, V/TP] logits -> kernel) is checked
-
-
-def _gathered_grads(model) -> dict[str, torch.Tensor]:
-    """Full (TP-merged) gradients keyed by global megatron name (this stage's parameters only)."""
-    from megatron_vlmr1.vlm.base import shift_layer_index
-    from megatron_vlmr1.vlm.stages import gather_full_mcore, stage_info
-
-    _, _, offset = stage_info(model)
-    return {shift_layer_index(name, offset): gather_full_mcore(model, name, p.grad)
-            for name, p in model.named_parameters()}
 
 
 def _all_models_worker(rank: int, world_size: int, jobs: list[tuple]) -> list[dict]:
@@ -59,55 +50,9 @@ def _worker(rank: int, world_size: int, hf_dir: str, layouts: list, batches: lis
             model, _ = helpers.build_loaded(hf_dir, num_query_groups=2)
             batch = dict(batches[0], vocab_size=model.layout.vocab_size)
             helpers.run_pipeline(model, batch, forward_only=False)
-            out["grads"][(tp, pp)] = _gathered_grads(model)
+            out["grads"][(tp, pp)] = gathered_grads(model)
             parallel_state.destroy_model_parallel()
     return out
-
-
-def _check_logits(results: list[dict], references: list[dict], tp: int, pp: int) -> None:
-    last_stage = [r["logits"][(tp, pp)] for r in results if r["logits"][(tp, pp)] is not None]
-    assert len(last_stage) == len(results) // pp
-    for per_rank in last_stage:
-        for (shard, full), ref in zip(per_rank, references, strict=True):
-            vocab = ref["logits"].shape[-1]
-            mask = ref["attention_mask"].bool()
-            if tp == 1:
-                assert full.shape == ref["logits"].shape
-            else:
-                assert shard.shape[-1] == 2048 // tp
-                assert full.shape[-1] == 2048
-                assert torch.isneginf(full[..., vocab:]).all()
-                assert torch.isfinite(full[..., :vocab]).all()
-            diff = (full[..., :vocab][mask] - ref["logits"][mask]).abs().max().item()
-            assert diff <= 1e-4, f"TP={tp} PP={pp}: max abs logit diff {diff}"
-
-
-def _check_export(results: list[dict], hf_dir) -> None:
-    from safetensors.torch import load_file
-
-    expected = load_file(str(hf_dir / "model.safetensors"))
-    for result in results:
-        exported = result["export"]
-        assert sorted(exported) == sorted(expected)
-        for name, tensor in expected.items():
-            assert torch.equal(exported[name], tensor), name
-
-
-def _check_grads(results: list[dict]) -> None:
-    reference = results[0]["grads"][(1, 1)]
-    merged: dict[str, torch.Tensor] = {}
-    for result in results:
-        merged.update(result["grads"][(2, 2)])
-    assert merged.keys() == reference.keys()
-    for name, grad in merged.items():
-        ref = reference[name]
-        assert ref.abs().sum() > 0, name
-        rel = ((grad - ref).norm() / ref.norm()).item()
-        assert rel <= 1e-5, f"{name}: relative grad diff {rel}"
-
-
-def _batches(references: list[dict]) -> list[dict]:
-    return [{k: v for k, v in ref.items() if k != "logits"} for ref in references]
 
 
 @pytest.fixture(scope="module")
@@ -119,9 +64,9 @@ def runs(tiny_qwen2_5_vl, tiny_qwen2_vl, tmp_path_factory) -> dict:
     refs = {"qwen2_5": [helpers.hf_reference(tiny_qwen2_5_vl, side) for side in ("left", "right")],
             "qwen2": [helpers.hf_reference(tiny_qwen2_vl, "left")],
             "tp4": [helpers.hf_reference(heads4, "right")]}
-    jobs = [(str(tiny_qwen2_5_vl), LAYOUTS, _batches(refs["qwen2_5"]), True),
-            (str(tiny_qwen2_vl), [(2, 2)], _batches(refs["qwen2"]), False),
-            (str(heads4), [(4, 1)], _batches(refs["tp4"]), False)]
+    jobs = [(str(tiny_qwen2_5_vl), LAYOUTS, reference_batches(refs["qwen2_5"]), True),
+            (str(tiny_qwen2_vl), [(2, 2)], reference_batches(refs["qwen2"]), False),
+            (str(heads4), [(4, 1)], reference_batches(refs["tp4"]), False)]
     per_rank = run_distributed(_all_models_worker, 4, jobs)
     return {name: (refs[name], [r[i] for r in per_rank]) for i, name in enumerate(("qwen2_5", "qwen2", "tp4"))}
 
@@ -146,24 +91,24 @@ def test_trainer_logprobs_from_raw_logits_match_transformers(runs, tp, pp):
 @pytest.mark.parametrize("tp,pp", LAYOUTS)
 def test_qwen2_5_vl_logits_match_transformers(runs, tp, pp):
     references, results = runs["qwen2_5"]
-    _check_logits(results, references, tp, pp)
+    check_logits(results, references, tp, pp)
 
 
 def test_qwen2_5_vl_tp2_pp2_grads_match_tp1(runs):
-    _check_grads(runs["qwen2_5"][1])
+    check_grads(runs["qwen2_5"][1])
 
 
 def test_export_at_tp2_pp2_is_bit_exact(runs, tiny_qwen2_5_vl):
-    _check_export(runs["qwen2_5"][1], tiny_qwen2_5_vl)
+    check_export(runs["qwen2_5"][1], tiny_qwen2_5_vl)
 
 
 def test_qwen2_vl_logits_match_transformers(runs, tiny_qwen2_vl):
     references, results = runs["qwen2"]
-    _check_logits(results, references, 2, 2)
-    _check_export(results, tiny_qwen2_vl)
+    check_logits(results, references, 2, 2)
+    check_export(results, tiny_qwen2_vl)
 
 
 def test_tp4_logits_match_transformers(runs):
     """TP=4 needs 4 query heads; 2 KV heads are repeated to one query group per TP rank."""
     references, results = runs["tp4"]
-    _check_logits(results, references, 4, 1)
+    check_logits(results, references, 4, 1)
