@@ -35,10 +35,11 @@ def ordered_sum(values: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _metric(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
-    """A detached 0-dim float64 tensor on ``like``'s device (the policy loss reports plain 0.0 for an absent term)."""
+    """A detached 0-dim float64 tensor on ``like``'s device (the policy loss reports plain 0.0 for an absent term;
+    ``torch.full`` fills on the device, where ``torch.tensor`` would copy from the host and synchronise)."""
     if isinstance(value, torch.Tensor):
         return value.detach().to(torch.float64)
-    return torch.tensor(float(value), dtype=torch.float64, device=like.device)
+    return torch.full((), float(value), dtype=torch.float64, device=like.device)
 
 
 class StepLoss(abc.ABC):
