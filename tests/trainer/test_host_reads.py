@@ -78,12 +78,13 @@ def _reads_per_update(rank, world_size, model, data, out):
     samples = next(trainer.data)
     counts, metrics = {}, {}
     try:
-        for size in (1, 4):
-            trainer.cfg.train.micro_batch_size = size
+        for count in (1, 4):  # the same 4 rows as 1 micro-batch of 4, then 4 of 1
+            trainer.cfg.train.micro_batch_size = 4 // count
             micro_batches = trainer.micro_batches(samples)
+            assert len(micro_batches) == count
             with counting_host_reads() as calls:
-                metrics[("sft", size)] = trainer.update(micro_batches)
-            counts[("sft", size)] = dict(calls)
+                metrics[("sft", count)] = trainer.update(micro_batches)
+            counts[("sft", count)] = dict(calls)
             for mb in micro_batches:  # GRPO fields on the same rows: an advantage per row, the rollout's log-probs
                 rows = mb.loss_mask.shape[0]
                 mb.fields["advantages"] = torch.linspace(-1, 1, rows)[:, None] * mb.loss_mask
@@ -92,8 +93,8 @@ def _reads_per_update(rank, world_size, model, data, out):
                 loss = GRPOLoss(get_policy_loss("grpo"), algo, micro_batches, trainer.env.dp,
                                 trainer.data_parallel_sum)
                 outputs, _ = trainer.actor.train_step(micro_batches, loss)
-                metrics[("grpo", size)] = trainer.reduce_token_metrics(outputs)
-            counts[("grpo", size)] = dict(calls)
+                metrics[("grpo", count)] = trainer.reduce_token_metrics(outputs)
+            counts[("grpo", count)] = dict(calls)
             assert all(v.dtype == torch.float64 and v.dim() == 0 for out in outputs for v in out.values())
     finally:
         trainer.close()
