@@ -181,12 +181,19 @@ class VisionLanguageGPT(MegatronModule, abc.ABC):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-                raw_logits: bool = False) -> torch.Tensor:
+                raw_logits: bool = False, prefix_layout: torch.Tensor | None = None) -> torch.Tensor:
+        """``prefix_layout`` [b, 1 + S] (shared-prefix packed rows, ``trainer.packing.prefix_layout``) replaces
+        ``attention_mask``; it needs a model built with ``shared_prefix_attention``."""
         decoder_input = self.embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
-        if attention_mask.dim() == 2:
+        if prefix_layout is not None:
+            if not self.uses_shared_prefix_attention():
+                raise ValueError("a shared-prefix layout needs a model built with shared_prefix_attention=True "
+                                 "(its core attention reads the layout)")
+            attention_mask = prefix_layout
+        elif attention_mask.dim() == 2:
             attention_mask = padding_attention_mask(attention_mask)
         elif self.config_uses_fused_attention():
-            raise ValueError("a [b, 1, s, s] block mask (shared-prefix packing) needs the 'local' backend: "
+            raise ValueError("a [b, 1, s, s] block mask needs the 'local' backend or shared_prefix_attention: "
                              "Transformer Engine's fused attention takes its mask type from the layer spec")
         output = self.language_model(input_ids=input_ids, position_ids=self.rope_position_ids(position_ids),
                                      attention_mask=attention_mask, decoder_input=decoder_input,
@@ -195,13 +202,19 @@ class VisionLanguageGPT(MegatronModule, abc.ABC):
             return output
         return self.mask_padded_vocab(output)
 
+    def _core_attention(self) -> torch.nn.Module | None:
+        layers = getattr(getattr(self.language_model, "decoder", None), "layers", None)
+        return getattr(layers[0].self_attention, "core_attention", None) if layers else None
+
     def config_uses_fused_attention(self) -> bool:
         """Whether the decoder's core attention is Transformer Engine's (it ignores an explicit block mask)."""
-        layers = getattr(getattr(self.language_model, "decoder", None), "layers", None)
-        if not layers:
-            return False
-        core = getattr(layers[0].self_attention, "core_attention", None)
-        return type(core).__name__.startswith("TE")
+        return type(self._core_attention()).__name__.startswith("TE")
+
+    def uses_shared_prefix_attention(self) -> bool:
+        """Whether the decoder's core attention reads shared-prefix layouts (``vlm.prefix_attention``)."""
+        from megatron_vlmr1.vlm.prefix_attention import SharedPrefixAttention
+
+        return isinstance(self._core_attention(), SharedPrefixAttention)
 
     def mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """Padded vocabulary columns must not take part in any softmax: slice (TP=1) or -inf in place (TP>1).

@@ -1,8 +1,10 @@
 """Shared-prefix packing gives the per-row forward's log-probs and gradients (TP=1, TP=2, PP=2, LoRA).
 
 Two groups (a two-image prompt and a one-image prompt) with three completions of different lengths go through
-``ScoringModel.run`` (megatron's schedule, two micro-batches) once per row and once packed. The loss is a fixed
-random weighting of every completion token's log-prob, so every parameter's gradient is compared.
+``ScoringModel.run`` (megatron's schedule, two micro-batches) once per row, on the per-row model (megatron's own
+attention under a padding mask), and once packed, on a model built with the shared-prefix core attention
+(``vlm/prefix_attention.py``) and the same weights. The loss is a fixed random weighting of every completion token's
+log-prob, so every parameter's gradient is compared.
 """
 from __future__ import annotations
 
@@ -56,12 +58,14 @@ def _compute(model_dir: str, env, train_mode: str) -> dict:
     family = get_family(hf_config)
     processor = family.load_processor(model_dir)
     model_cfg = ModelConfig(path=model_dir, train_mode=train_mode)
-    scoring = ScoringModel(family, hf_config, model_dir, env, model_cfg)
-    apply_train_mode(scoring.module, model_cfg)
-    if train_mode == "lora":  # non-zero B so that the adapters change the forward
-        gen = torch.Generator().manual_seed(1)
-        for adapter in lora_adapters(scoring.module).values():
-            adapter.B.data.copy_(torch.randn(adapter.B.shape, generator=gen) * 0.05)
+    models = {}
+    for name, shared_prefix in (("rows", False), ("packed", True)):
+        scoring = models[name] = ScoringModel(family, hf_config, model_dir, env, model_cfg, shared_prefix=shared_prefix)
+        apply_train_mode(scoring.module, model_cfg)
+        if train_mode == "lora":  # non-zero B (the same in both models) so that the adapters change the forward
+            gen = torch.Generator().manual_seed(1)
+            for adapter in lora_adapters(scoring.module).values():
+                adapter.B.data.copy_(torch.randn(adapter.B.shape, generator=gen) * 0.05)
     prompts, completions = _groups(processor, family)
     gen = torch.Generator().manual_seed(2)
     weights = [torch.randn(len(c), generator=gen).tolist() for group in completions for c in group]
@@ -78,6 +82,7 @@ def _compute(model_dir: str, env, train_mode: str) -> dict:
             kept.append(logprobs.detach())
             return (logprobs * batch.fields["weights"]).sum(), {}
 
+        scoring = models[name]
         scoring.module.zero_grad(set_to_none=True)
         scoring.module.train()
         scoring.run(micro_batches, token_loss, forward_only=False)
