@@ -2,9 +2,9 @@
 
 Qwen-VL and InternVL differ only in their vision side (which tower, how pixels become features, how positions are
 laid out); the language model is the same megatron ``GPTModel`` with multimodal RoPE, TP/PP, a padded vocabulary,
-a [b, s] padding mask or a ready [b, 1, s, s] block mask, and the trainer's ``raw_logits`` output. A family's model
-subclasses ``VisionLanguageGPT`` and supplies ``build_visual``, ``image_features`` and (if its positions are not
-megatron's [3, b, s]) ``rope_position_ids``.
+a [b, s] padding mask, a ready [b, 1, s, s] mask or a shared-prefix layout, and the trainer's ``raw_logits`` output.
+A family's model subclasses ``VisionLanguageGPT`` and supplies ``build_visual``, ``image_features`` and (if its
+positions are not megatron's [3, b, s]) ``rope_position_ids``.
 """
 from __future__ import annotations
 
@@ -111,7 +111,8 @@ class VisionLanguageGPT(MegatronModule, abc.ABC):
     """One pipeline stage of a VLM: [vision side + embeddings] -> decoder layers -> [final norm + LM head].
 
     ``forward(input_ids [b, s], position_ids, attention_mask [b, s], pixel_values, image_grid_thw)``
-    (``attention_mask`` may also be a ready [b, 1, s, s] bool mask, True = masked: shared-prefix packing's block mask)
+    (``attention_mask`` may also be a ready [b, 1, s, s] bool mask, True = masked; shared-prefix packed rows pass
+    ``prefix_layout`` instead, see ``vlm/prefix_attention.py``)
     returns, on the last stage, logits [b, s, vocab_shard] where vocab_shard = padded_vocab / TP; columns beyond the
     real vocabulary are -inf (at TP=1 they are sliced off instead, so the shape is exactly [b, s, vocab]). With
     ``raw_logits=True`` the last stage returns the LM head's output as it is: [s, b, vocab_shard], padded columns

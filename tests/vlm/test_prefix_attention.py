@@ -52,7 +52,8 @@ def test_matches_masked_softmax_with_gradients(heads, kv_heads):
     real = (SEGMENTS != PAD_SEGMENT).T  # [s, b]
     torch.testing.assert_close(out[real], expected[real], atol=1e-12, rtol=0)
     assert bool((out[~real] == 0).all())  # padded tail: zeros, finite
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype) * real[..., None, None]
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    weights = weights * real[..., None, None]
     grads = torch.autograd.grad((out * weights).sum(), (query, key, value))
     expected_grads = torch.autograd.grad((expected * weights).sum(), (query, key, value))
     for grad, expected_grad in zip(grads, expected_grads):
