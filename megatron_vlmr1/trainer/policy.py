@@ -82,11 +82,22 @@ def token_logprobs(logits: torch.Tensor, batch: MicroBatch, tp_group: torch.dist
     Nothing of vocabulary size is copied: the kernel reads megatron's layout, skips the columns >= ``vocab_end`` and
     the rows whose target is ignored, and, since nothing reads the logits after the loss, writes their gradient in
     place. The [b, s-1] results are made contiguous (they are transposed views) so that token sums add up in the
-    same order as a batch-first computation's, bit for bit.
+    same order as a batch-first computation's, bit for bit. The targets' range was checked on the host before the
+    step (``check_targets``), so the kernel's own check (a host sync per micro-batch on a GPU) is skipped.
     """
     logprobs, entropy = fused_logprob(logits, shifted_targets(batch), tp_group=tp_group, return_entropy=True,
-                                      vocab_end=vocab_end, seq_first=True, inplace_backward=True)
+                                      vocab_end=vocab_end, seq_first=True, inplace_backward=True, check_targets=False)
     return logprobs[:, :-1].contiguous(), entropy[:, :-1].contiguous()
+
+
+def check_targets(micro_batches: list[MicroBatch], vocab_end: int, ignore_index: int = -100) -> None:
+    """Every scored token id is in [0, ``vocab_end``): one check over the step's (host-resident) micro-batches
+    instead of one host sync per micro-batch inside the kernel."""
+    targets = torch.cat([shifted_targets(mb, ignore_index).flatten() for mb in micro_batches])
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_end))
+    if bool(bad.any()):
+        raise ValueError(f"token id {int(targets[bad][0])} is outside the model's vocabulary [0, {vocab_end}) "
+                         f"(the tokenizer and the checkpoint disagree)")
 
 
 def per_completion(token_loss: TokenLoss) -> TokenLoss:
@@ -111,9 +122,10 @@ class ScoringModel:
         self.env = env
         self.family = family
         self.dtype = DTYPES[model_cfg.dtype]
-        # LoRA hooks need each linear's own input, which Transformer Engine's LayerNorm-fused linears do not expose;
-        # shared-prefix packed rows need the core attention that reads their layout (on either backend)
-        backend = "local" if model_cfg.train_mode == "lora" else family.default_backend(env.device)
+        # LoRA hooks need each linear's own input: Transformer Engine layers with separate norms (attention stays
+        # fused); shared-prefix packed rows need the core attention that reads their layout (swapped in on either
+        # backend, see vlm.prefix_attention)
+        backend = family.default_backend(env.device, separate_norm=model_cfg.train_mode == "lora")
         # No random initialisation: every weight is loaded right after. (Transformer Engine layers keep their init:
         # that they carry megatron's TP attributes without it is not verified, see vlm.stages.)
         model = family.build_model(hf_config, env, params_dtype=self.dtype, backend=backend,
@@ -140,6 +152,7 @@ class ScoringModel:
         if self.env.pp > 1 and any(mb.input_ids.shape != (micro_batch_size, seq_length) for mb in micro_batches):
             raise AssertionError("micro-batches must share one [b, s] shape for the pipeline schedule")
         num_micro_batches = len(micro_batches)
+        check_targets(micro_batches, self.vocab_size)
         token_loss = per_completion(token_loss)
 
         def loss_func(batch: MicroBatch, logits: torch.Tensor):

@@ -166,16 +166,17 @@ class VLMFamily(abc.ABC):
         (the ``hf`` engine's weight sync receives checkpoint names)."""
         return checkpoint_name
 
-    def default_backend(self, device: torch.device) -> str:
+    def default_backend(self, device: torch.device, separate_norm: bool = False) -> str:
         """The layer implementation for a run on ``device``: ``te`` (Transformer Engine) when it is importable and
-        the run is on CUDA, ``local`` (pure megatron-core) otherwise."""
+        the run is on CUDA, ``local`` (pure megatron-core) otherwise. ``separate_norm`` (LoRA, whose hooks need each
+        linear's own input): ``te_split``, Transformer Engine layers with the norms as modules of their own."""
         if device.type != "cuda":
             return "local"
         try:
             import transformer_engine  # noqa: F401
         except ImportError:
             return "local"
-        return "te"
+        return "te_split" if separate_norm else "te"
 
     # -- the input side: what trainers and engines call, so they never branch on the model name --------------
     def load_processor(self, hf_dir: str | os.PathLike) -> ProcessorMixin:

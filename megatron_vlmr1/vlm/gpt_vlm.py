@@ -25,7 +25,12 @@ if TYPE_CHECKING:
 
 
 def layer_spec(backend: str) -> ModuleSpec:
-    """megatron layer spec: ``local`` (pure megatron-core, runs on CPU) or ``te`` (Transformer Engine, CUDA)."""
+    """megatron layer spec: ``local`` (pure megatron-core, runs on CPU), ``te`` (Transformer Engine, CUDA) or
+    ``te_split`` (Transformer Engine with norms apart from the linears, for LoRA: ``vlm.layer_specs``)."""
+    if backend == "te_split":
+        from megatron_vlmr1.vlm.layer_specs import te_split_norm_layer_spec
+
+        return te_split_norm_layer_spec()
     if backend == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
@@ -34,7 +39,7 @@ def layer_spec(backend: str) -> ModuleSpec:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
         return get_gpt_layer_local_spec(normalization="RMSNorm")
-    raise ValueError(f"model backend {backend!r}: expected 'local' or 'te'")
+    raise ValueError(f"model backend {backend!r}: expected 'local', 'te' or 'te_split'")
 
 
 def rope_theta(hf_config: Any) -> float:
@@ -52,7 +57,7 @@ def device_defaults(device: torch.device, backend: str) -> dict[str, bool]:
     they are all off: the fused kernels are CUDA-only.
     """
     cuda = device.type == "cuda"
-    te = cuda and backend == "te"
+    te = cuda and backend in ("te", "te_split")
     return dict(use_cpu_initialization=not cuda, bias_activation_fusion=cuda, masked_softmax_fusion=cuda,
                 apply_rope_fusion=te, gradient_accumulation_fusion=te, persist_layer_norm=False)
 

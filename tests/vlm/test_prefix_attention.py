@@ -133,12 +133,26 @@ def test_module_rejects_what_it_cannot_compute():
         module(query, key, value, None, packed_seq_params=object())
 
 
-def test_spec_swaps_exactly_the_core_attention():
-    """The helper takes any transformer-layer spec (Transformer Engine's cannot be built without TE; megatron's
-    local spec has the same structure) and changes only ``self_attention.submodules.core_attention``."""
+def _local_spec():
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    return get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def _split_norm_spec():
+    from megatron.core.models.backends import LocalSpecProvider
+
+    from megatron_vlmr1.vlm.layer_specs import split_norm_layer_spec
+
+    return split_norm_layer_spec(LocalSpecProvider())
+
+
+@pytest.mark.parametrize("make_spec", [_local_spec, _split_norm_spec])
+def test_spec_swaps_exactly_the_core_attention(make_spec):
+    """The helper takes any transformer-layer spec (Transformer Engine's ``te`` and ``te_split`` specs cannot be
+    built without TE; megatron's local spec and the split-norm spec from megatron's local provider have the same
+    structure) and changes only ``self_attention.submodules.core_attention``."""
+    spec = make_spec()
     original_core = spec.submodules.self_attention.submodules.core_attention
     swapped = with_shared_prefix_attention(spec)
     assert spec.submodules.self_attention.submodules.core_attention is original_core  # the input is not mutated
