@@ -28,7 +28,7 @@ OPTIMIZER_CKPT_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 class TrainingSession(abc.ABC):
-    needs_explicit_mask = False  # the training forward passes block masks (shared prefix): local attention
+    shared_prefix = False  # the training forward reads shared-prefix packed rows (their core attention is built)
 
     def __init__(self, cfg: Any, prompts_per_step: int):
         from transformers import AutoConfig
@@ -52,7 +52,7 @@ class TrainingSession(abc.ABC):
                                   rank=self.env.dp_rank, world_size=self.env.dp)
         self.actor = ActorModel(self.family, self.hf_config, cfg.model.path, self.env, cfg.model, cfg.optim,
                                 total_steps=cfg.train.steps, distributed_optimizer=cfg.parallel.distributed_optimizer,
-                                recompute=cfg.parallel.recompute, explicit_mask=self.needs_explicit_mask)
+                                recompute=cfg.parallel.recompute, shared_prefix=self.shared_prefix)
         self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", rank=self.env.rank,
                                              keep_last=cfg.checkpoint.keep_last, barrier=dist.barrier)
         self.start_step = self.maybe_resume()

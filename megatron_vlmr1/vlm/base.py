@@ -140,8 +140,11 @@ class VLMFamily(abc.ABC):
     @abc.abstractmethod
     def build_model(self, hf_config: PretrainedConfig, env: ParallelEnv, *, params_dtype: torch.dtype = torch.float32,
                     backend: str = "local", num_query_groups: int | None = None,
-                    make_vocab_size_divisible_by: int = 128, **config_overrides: object) -> torch.nn.Module:
+                    make_vocab_size_divisible_by: int = 128, shared_prefix_attention: bool = False,
+                    **config_overrides: object) -> torch.nn.Module:
         """The megatron model for ``env``'s pipeline stage, laid out for its TP size, with defaults for its device.
+        ``shared_prefix_attention``: the decoder's core attention is ``vlm.prefix_attention.SharedPrefixAttention``
+        (reads shared-prefix layouts; the rest of the ``backend``'s layer spec is kept).
 
         The model keeps ``env`` as ``parallel_env``: the weight exporter/loader and LoRA read ranks and groups there.
         """

@@ -10,6 +10,7 @@ from megatron_vlmr1.vlm.base import register_family
 from megatron_vlmr1.vlm.gpt_family import GPTFamily
 from megatron_vlmr1.vlm.gpt_vlm import layer_spec
 from megatron_vlmr1.vlm.inputs import EncodedPrompt, PromptBatch, TrainingBatch
+from megatron_vlmr1.vlm.prefix_attention import with_shared_prefix_attention
 from megatron_vlmr1.vlm.qwen_vl import processor as inputs
 from megatron_vlmr1.vlm.qwen_vl import weights
 from megatron_vlmr1.vlm.qwen_vl.model import QwenVLModel, transformer_config, vision_class
@@ -38,7 +39,8 @@ class QwenVLFamily(GPTFamily):
 
     def build_model(self, hf_config: PretrainedConfig, env: ParallelEnv, *, params_dtype: torch.dtype = torch.float32,
                     backend: str = "local", num_query_groups: int | None = None,
-                    make_vocab_size_divisible_by: int = 128, **config_overrides: object) -> QwenVLModel:
+                    make_vocab_size_divisible_by: int = 128, shared_prefix_attention: bool = False,
+                    **config_overrides: object) -> QwenVLModel:
         """This stage's model (``perform_initialization=False`` skips the random init when weights follow).
 
         ``num_query_groups`` defaults to the KV heads, repeated up to the TP size when TP exceeds them; pass it
@@ -46,7 +48,10 @@ class QwenVLFamily(GPTFamily):
         """
         layout = self.layout(hf_config, env.tp, num_query_groups, make_vocab_size_divisible_by, backend)
         config = transformer_config(hf_config, layout, env, params_dtype, backend, **config_overrides)
-        model = QwenVLModel(hf_config, config, layout, layer_spec(backend), env)
+        spec = layer_spec(backend)
+        if shared_prefix_attention:
+            spec = with_shared_prefix_attention(spec)
+        model = QwenVLModel(hf_config, config, layout, spec, env)
         if not config.perform_initialization:
             mark_tensor_parallel_weights(model)
         return model
