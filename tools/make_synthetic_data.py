@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images-per-sample", type=int, default=1)
     parser.add_argument("--difficulty", choices=DIFFICULTIES, default="normal",
                         help="easy: one or two large shapes in a 112 px image at four possible positions; "
-                             "locate (the CPU demo): one shape at nine grid positions over a background whose "
+                             "locate (the CPU demo): one shape filling a quadrant, over a background whose "
                              "colour codes the pixel's x and y")
     args = parser.parse_args(argv)
     try:

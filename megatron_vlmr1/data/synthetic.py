@@ -15,9 +15,9 @@ for out-of-domain evaluation.
 
 Difficulties: ``normal`` (one to four shapes of any size anywhere on 112-224 px canvases, half of them noisy, half
 of the REC expressions relational), ``easy`` (one or two 44 px shapes in the quadrants of a 112 px canvas) and
-``locate`` (the CPU demo's task: one 56 px shape on a 112 px canvas at one of nine positions on the 28 px grid of
-Qwen-VL's merged image tokens, over a background whose red and green channels are the pixel's x and y; the shape is
-drawn in the blue channel only, so the image tokens it covers carry their own position in their colour).
+``locate`` (the CPU demo's task: one 56 px shape filling one quadrant of a 112 px canvas, i.e. exactly 2 x 2 of
+Qwen-VL's merged 28 px image tokens, over a background whose red and green channels are the pixel's x and y; the
+shape is drawn in the blue channel only, so the image tokens it covers carry their own position in their colour).
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ OVD_QUESTION = (
 
 Difficulty = Literal["normal", "easy", "locate"]
 DIFFICULTIES: tuple[str, ...] = ("normal", "easy", "locate")
-LOCATE_SIDE, LOCATE_SIZE, LOCATE_STEP = 112, 56, 28  # canvas, shape and grid (Qwen-VL's merged 28 px patches)
+LOCATE_SIDE, LOCATE_SIZE = 112, 56  # canvas and shape: 4 x 4 and 2 x 2 merged 28 px image tokens of Qwen-VL
 
 
 @dataclass(frozen=True)
@@ -164,14 +164,10 @@ def make_scene(rng: random.Random, combos: list[Combo], difficulty: Difficulty) 
     """One object per entry of ``combos`` on a random canvas; None when they do not fit (the caller redraws)."""
     coded = False
     if difficulty == "locate":
-        # Nine positions on the 28 px grid for one shape; several shapes take distinct, non-overlapping corners.
+        # Four positions (the quadrants), no margin: a shape covers whole image tokens and nothing else.
         width = height = LOCATE_SIDE
-        grid = range(0, LOCATE_SIDE - LOCATE_SIZE + 1, LOCATE_STEP)
-        if len(combos) == 1:
-            corners = [(rng.choice(grid), rng.choice(grid))]
-        else:
-            far = LOCATE_SIDE - LOCATE_SIZE
-            corners = rng.sample([(0, 0), (far, 0), (0, far), (far, far)], len(combos))
+        far = LOCATE_SIDE - LOCATE_SIZE
+        corners = rng.sample([(0, 0), (far, 0), (0, far), (far, far)], len(combos))
         squares = [(x, y, LOCATE_SIZE) for x, y in corners]
         noisy, background, coded = False, 0, True
     elif difficulty == "easy":
