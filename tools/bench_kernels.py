@@ -4,6 +4,7 @@
     python tools/bench_kernels.py --device cuda --tokens 8192 --dtype bf16
     python tools/bench_kernels.py --trainer-path [--rows 8 --seq 204]   # the trainer's loss path vs the kernel alone
     python tools/bench_kernels.py --grpo-step [--micro-batch 1 16]      # peak memory of one GRPO step per micro-batch
+    python tools/bench_kernels.py --dtype bf16 --bandwidth-goal 0.667  # GB/s vs the device's peak (exit 1 below)
 
 Implementations, each computing per-token log p(target) and the gradient w.r.t. the logits for loss = -sum(log p):
 - torch:        log_softmax + gather (what a plain GRPO trainer does); its autograd keeps the log-softmax output,
@@ -329,6 +330,68 @@ def bench_grpo_step(args) -> None:
               flush=True)
 
 
+def device_peak_gbps(device: torch.device) -> tuple[float, str]:
+    """The device's memory bandwidth, GB/s, and where the number comes from: memory clock x bus width (double
+    data rate) where torch reports them, else a measured device-to-device copy of 1 GiB (a lower bound)."""
+    props = torch.cuda.get_device_properties(device)
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
+    if clock_khz and bus_bits:
+        return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9, "memory clock x bus width"
+    src = torch.empty(2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    return 2 * src.numel() * 10 / (time.perf_counter() - start) / 1e9, "measured 1 GiB copy, a lower bound"
+
+
+def bench_bandwidth(args) -> int:
+    """The fused kernels' achieved bandwidth against the device's peak; exit status 1 below ``--bandwidth-goal``.
+
+    Minimum traffic: the forward alone (log-prob-only passes) reads the logits once; forward + in-place backward
+    reads them twice and writes them once."""
+    if args.device != "cuda" and not args.peak_gbps:
+        raise SystemExit("--bandwidth-goal: on a CPU give the memory bandwidth with --peak-gbps")
+    tokens = args.tokens or 16384
+    logits, targets = make_inputs(tokens, args.vocab, DTYPES[args.dtype], args.device)
+    peak, source = (args.peak_gbps, "--peak-gbps") if args.peak_gbps else device_peak_gbps(logits.device)
+    logits_bytes = logits.numel() * logits.element_size()
+
+    def forward_only(x, t):
+        with torch.no_grad():
+            fused_logprob(x, t)
+
+    def timed(fn, copy: bool) -> float:
+        runs = []
+        for _ in range(args.repeat + 1):  # the first is a warm-up
+            x = logits.clone() if copy else logits
+            if copy:
+                x.requires_grad_()
+            if logits.is_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn(x, targets)
+            if logits.is_cuda:
+                torch.cuda.synchronize()
+            runs.append(time.perf_counter() - start)
+        return statistics.median(runs[1:])
+
+    inplace = loss_fn("fused+inplace")
+    results = {"forward (log-prob only)": logits_bytes / timed(forward_only, copy=False),
+               "forward+backward, in place": 3 * logits_bytes / timed(lambda x, t: inplace(x, t).backward(), True)}
+    met = True
+    for name, bytes_per_s in results.items():
+        share = bytes_per_s / 1e9 / peak
+        met &= share >= args.bandwidth_goal
+        print(f"kernel bandwidth: {name}, {args.dtype}, {tokens} x {args.vocab}: {bytes_per_s / 1e9:.3g} GB/s = "
+              f"{share:.0%} of the device's {peak:.0f} GB/s ({source})", flush=True)
+    print(f"kernel bandwidth goal >= {args.bandwidth_goal:.0%} of peak: {'met' if met else 'NOT met'}", flush=True)
+    return 0 if met else 1
+
+
 def main() -> None:
     if len(sys.argv) == 5 and sys.argv[1] == "--grpo-step-child":
         grpo_step_child(sys.argv[2], int(sys.argv[3]), sys.argv[4])
@@ -349,6 +412,10 @@ def main() -> None:
     parser.add_argument("--grpo-step", action="store_true",
                         help="peak memory of one GRPO step at each --micro-batch size (CPU)")
     parser.add_argument("--micro-batch", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--bandwidth-goal", type=float, default=None,
+                        help="report the fused kernels' GB/s against the device's peak; exit 1 below this share")
+    parser.add_argument("--peak-gbps", type=float, default=None,
+                        help="--bandwidth-goal: the device's memory bandwidth (default: from the device)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -358,6 +425,8 @@ def main() -> None:
     if args.trainer_path:
         bench_trainer_path(args)
         return
+    if args.bandwidth_goal is not None:
+        sys.exit(bench_bandwidth(args))
     tokens = args.tokens or (4096 if args.device == "cuda" else 1024)
     if "megatron" in args.impl:
         init_single_rank_group(args.device)

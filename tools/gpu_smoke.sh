@@ -7,7 +7,8 @@
 #
 # Checks: build (the extension compiles with CUDA kernels), kernel parity (fused log-prob + entropy forward/backward
 # and group advantages on CUDA vs the plain-torch references, fp32 and bf16; then tests/kernels), kernel benchmark
-# (tools/bench_kernels.py --device cuda), megatron model parity (Transformer Engine spec on CUDA vs transformers),
+# (tools/bench_kernels.py --device cuda), kernel bandwidth (achieved GB/s of the fused forward and forward+backward vs
+# the device's peak; fails below 2/3), megatron model parity (Transformer Engine spec on CUDA vs transformers),
 # vLLM (rollout, weight sync that changes the output and restores it, sleep frees memory, wake generates again),
 # GRPO (3 steps of a tiny Qwen2.5-VL with vLLM rollouts under torchrun).
 set -uo pipefail
@@ -167,6 +168,8 @@ EOF
 run build build
 run kernel_parity kernel_parity
 run kernel_bench "$PY" tools/bench_kernels.py --device cuda --dtype bf16 --tp 1 8 --repeat 3
+# the goal: >= 2/3 of the device's memory bandwidth for bf16 at Qwen's 151,936 vocabulary
+run kernel_bandwidth "$PY" tools/bench_kernels.py --device cuda --dtype bf16 --vocab 151936 --bandwidth-goal 0.667
 run model_parity_te model_parity
 run vllm_rollout_sync_sleep vllm_cycle
 run grpo_3_steps grpo_steps

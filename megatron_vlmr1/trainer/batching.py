@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-from megatron_vlmr1.trainer.packing import PAD_SEGMENT, Packing, pack_group, shared_prefix_attention_mask
+from megatron_vlmr1.trainer.packing import PAD_SEGMENT, Packing, pack_group, prefix_layout
 from megatron_vlmr1.trainer.policy import MicroBatch
 
 
@@ -172,9 +172,9 @@ def make_shared_prefix_micro_batches(family: Any, processor: Any, hf_config: Any
         pixels = [prompts[g].pixel_values for g in real if prompts[g].pixel_values is not None]
         grids = [prompts[g].image_grid_thw for g in real if prompts[g].image_grid_thw is not None]
         micro_batches.append(MicroBatch(
-            input_ids=input_ids, attention_mask=shared_prefix_attention_mask(segments), position_ids=position_ids,
+            input_ids=input_ids, attention_mask=(segments != PAD_SEGMENT).long(), position_ids=position_ids,
             loss_mask=loss_mask, pixel_values=torch.cat(pixels) if pixels else None,
             image_grid_thw=torch.cat(grids) if grids else None, fields=fields,
-            packing=Packing(target_mask, row_of, columns),
+            packing=Packing(target_mask, row_of, columns, prefix_layout(segments)),
         ))
     return micro_batches

@@ -71,7 +71,7 @@ class GRPOTrainer(TrainingSession):
     """Actor, reference and rollout engine are separate objects; this class only orders the phases."""
 
     def __init__(self, cfg: GRPORunConfig):
-        self.needs_explicit_mask = cfg.algo.shared_prefix
+        self.shared_prefix = cfg.algo.shared_prefix
         super().__init__(cfg, cfg.train.prompts_per_step)
         from megatron_vlmr1.rewards import combine_rewards
         from megatron_vlmr1.trainer.policy import AdapterFreeReference, ScoringModel
@@ -86,7 +86,7 @@ class GRPOTrainer(TrainingSession):
             self.reference = AdapterFreeReference(self.actor)
         else:
             self.reference = ScoringModel(self.family, self.hf_config, cfg.model.path, self.env, cfg.model,
-                                          explicit_mask=self.needs_explicit_mask)
+                                          shared_prefix=self.shared_prefix)
         self.engine, self.router = self.build_rollout(cfg)
         self.policy_loss = get_policy_loss(self.algo.loss)
         self.advantage_fn = get_advantage_estimator(self.algo.advantage)

@@ -2,8 +2,9 @@
 
 A group's row is ``[prompt[:-1]; (p_last, c_1); (p_last, c_2); ...; (p_last, c_G)]``: the prompt's last token is
 repeated at the head of every completion segment, because the logit at the prompt's last position predicts the
-first token of every completion. Attention is a block mask: prompt tokens are causal among themselves; each
-segment attends to ``prompt[:-1]`` and causally to its own tokens, never to another segment. Every token keeps
+first token of every completion. Attention: prompt tokens are causal among themselves; each segment attends to
+``prompt[:-1]`` and causally to its own tokens, never to another segment (``vlm/prefix_attention.py``, given each
+row's ``prefix_layout``). Every token keeps
 exactly the mrope position it has in the per-row layout (``prompt + completion``), so each completion token's
 logits equal the per-row ones, and the gradient into the shared prompt is the sum over the G completions, as the
 per-row forward sums it. The vision tower and the prompt's tokens run once per group instead of G times.
@@ -64,17 +65,30 @@ def pack_group(input_ids: torch.Tensor, position_ids: torch.Tensor, prompt_lengt
     return PackedGroup(torch.cat(ids), torch.cat(positions, dim=1), torch.cat(segments), target_columns)
 
 
-def shared_prefix_attention_mask(segments: torch.Tensor) -> torch.Tensor:
-    """Segments [b, L] (``PAD_SEGMENT`` = padding) -> megatron's [b, 1, L, L] bool mask (True = masked).
+def prefix_layout(segments: torch.Tensor) -> torch.Tensor:
+    """Segments [b, L] -> the shared-prefix attention's row layout [b, 1 + S] (int64, CPU):
+    ``[prefix length, len(segment 1), ..., len(segment S)]`` (0 where a row has fewer segments).
 
-    Query q may see key k <= q when k is a shared-prompt token or in q's own segment. Padded query rows mask
-    everything (their output is finite garbage and never read).
+    Each row must be ``PROMPT_SEGMENT``s (possibly none), then segments 1, 2, ... each in one run, then
+    ``PAD_SEGMENT``s: the layout ``vlm/prefix_attention.py`` computes with. This replaces a dense [b, 1, L, L] mask.
     """
-    length = segments.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
-    query, key = segments[:, :, None], segments[:, None, :]
-    allowed = causal[None] & (key != PAD_SEGMENT) & (query != PAD_SEGMENT) & ((key == PROMPT_SEGMENT) | (key == query))
-    return ~allowed[:, None]
+    rows = []
+    for row, ids in enumerate(segments.cpu().tolist()):
+        runs: list[list[int]] = []
+        for segment in ids:
+            if runs and runs[-1][0] == segment:
+                runs[-1][1] += 1
+            else:
+                runs.append([segment, 1])
+        if runs and runs[-1][0] == PAD_SEGMENT:
+            runs.pop()
+        prefix = runs.pop(0)[1] if runs and runs[0][0] == PROMPT_SEGMENT else 0
+        if not runs or [segment for segment, _ in runs] != list(range(1, len(runs) + 1)):
+            raise ValueError(f"packed row {row}: segments must be the prompt, then 1, 2, ... each in one run, then "
+                             f"padding; got runs {[segment for segment, _ in runs]}")
+        rows.append([prefix] + [length for _, length in runs])
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
 @dataclasses.dataclass
@@ -83,12 +97,15 @@ class Packing:
 
     ``target_mask`` [b, s-1]: the packed columns whose next token is scored (model layout); ``row_of`` [rows]:
     the packed row holding completion row r; ``columns`` [rows, T]: the packed column scoring completion token k of
-    row r (0 where the row has no token k; ``MicroBatch.loss_mask`` [rows, T] tells which are real).
+    row r (0 where the row has no token k; ``MicroBatch.loss_mask`` [rows, T] tells which are real); ``layout``
+    [b, 1 + S]: ``prefix_layout`` of the packed rows, the model's attention input (stays on the CPU: the attention
+    reads it on the host).
     """
 
     target_mask: torch.Tensor
     row_of: torch.Tensor
     columns: torch.Tensor
+    layout: torch.Tensor
 
     def rows(self, values: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
         """Per-token values of the packed layout [b, >= s-1] -> the per-completion layout [rows, T] (0 off mask)."""
@@ -96,4 +113,4 @@ class Packing:
         return torch.where(loss_mask.bool(), gathered, torch.zeros((), dtype=values.dtype, device=values.device))
 
     def to(self, device: torch.device) -> "Packing":
-        return Packing(self.target_mask.to(device), self.row_of.to(device), self.columns.to(device))
+        return Packing(self.target_mask.to(device), self.row_of.to(device), self.columns.to(device), self.layout)

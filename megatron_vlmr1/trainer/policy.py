@@ -32,9 +32,9 @@ class MicroBatch:
     (shifted: column j is token j+1) that count in the loss; ``fields`` holds per-token tensors aligned with it
     ([b, s-1]: advantages, old/ref/rollout log-probs, ...).
 
-    Shared-prefix micro-batches (``packing`` set, see ``trainer/packing.py``) hold one packed row per group:
-    ``attention_mask`` is then the block mask [b, 1, s, s] (True = masked), and ``loss_mask``/``fields`` are in
-    the per-completion layout [rows, T] the loss reads; ``packing`` maps the packed columns onto it.
+    Shared-prefix micro-batches (``packing`` set, see ``trainer/packing.py``) hold one packed row per group: the
+    model attends by ``packing.layout`` (``attention_mask`` only marks real tokens), and ``loss_mask``/``fields``
+    are in the per-completion layout [rows, T] the loss reads; ``packing`` maps the packed columns onto it.
     """
 
     input_ids: torch.Tensor
@@ -82,11 +82,22 @@ def token_logprobs(logits: torch.Tensor, batch: MicroBatch, tp_group: torch.dist
     Nothing of vocabulary size is copied: the kernel reads megatron's layout, skips the columns >= ``vocab_end`` and
     the rows whose target is ignored, and, since nothing reads the logits after the loss, writes their gradient in
     place. The [b, s-1] results are made contiguous (they are transposed views) so that token sums add up in the
-    same order as a batch-first computation's, bit for bit.
+    same order as a batch-first computation's, bit for bit. The targets' range was checked on the host before the
+    step (``check_targets``), so the kernel's own check (a host sync per micro-batch on a GPU) is skipped.
     """
     logprobs, entropy = fused_logprob(logits, shifted_targets(batch), tp_group=tp_group, return_entropy=True,
-                                      vocab_end=vocab_end, seq_first=True, inplace_backward=True)
+                                      vocab_end=vocab_end, seq_first=True, inplace_backward=True, check_targets=False)
     return logprobs[:, :-1].contiguous(), entropy[:, :-1].contiguous()
+
+
+def check_targets(micro_batches: list[MicroBatch], vocab_end: int, ignore_index: int = -100) -> None:
+    """Every scored token id is in [0, ``vocab_end``): one check over the step's (host-resident) micro-batches
+    instead of one host sync per micro-batch inside the kernel."""
+    targets = torch.cat([shifted_targets(mb, ignore_index).flatten() for mb in micro_batches])
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_end))
+    if bool(bad.any()):
+        raise ValueError(f"token id {int(targets[bad][0])} is outside the model's vocabulary [0, {vocab_end}) "
+                         f"(the tokenizer and the checkpoint disagree)")
 
 
 def per_completion(token_loss: TokenLoss) -> TokenLoss:
@@ -105,20 +116,21 @@ class ScoringModel:
     """This pipeline stage's megatron model, loaded from an HF checkpoint; forward-only scoring."""
 
     def __init__(self, family: VLMFamily, hf_config: PretrainedConfig, hf_path: str, env: ParallelEnv,
-                 model_cfg: ModelConfig, recompute: str = "none", explicit_mask: bool = False):
+                 model_cfg: ModelConfig, recompute: str = "none", shared_prefix: bool = False):
         from megatron_vlmr1.vlm.export import load_hf_weights
 
         self.env = env
         self.family = family
         self.dtype = DTYPES[model_cfg.dtype]
-        # LoRA hooks need each linear's own input, which Transformer Engine's LayerNorm-fused linears do not expose;
-        # shared-prefix block masks need megatron's own attention, which applies an explicit [b, 1, s, s] mask
-        local = model_cfg.train_mode == "lora" or explicit_mask
-        backend = "local" if local else family.default_backend(env.device)
+        # LoRA hooks need each linear's own input: Transformer Engine layers with separate norms (attention stays
+        # fused); shared-prefix packed rows need the core attention that reads their layout (swapped in on either
+        # backend, see vlm.prefix_attention)
+        backend = family.default_backend(env.device, separate_norm=model_cfg.train_mode == "lora")
         # No random initialisation: every weight is loaded right after. (Transformer Engine layers keep their init:
         # that they carry megatron's TP attributes without it is not verified, see vlm.stages.)
         model = family.build_model(hf_config, env, params_dtype=self.dtype, backend=backend,
-                                   perform_initialization=backend != "local", **recompute_config(recompute))
+                                   perform_initialization=backend != "local", shared_prefix_attention=shared_prefix,
+                                   **recompute_config(recompute))
         model.to(env.device)
         load_hf_weights(model, family, hf_path)
         self.chunks: list[torch.nn.Module] = [model]
@@ -140,6 +152,7 @@ class ScoringModel:
         if self.env.pp > 1 and any(mb.input_ids.shape != (micro_batch_size, seq_length) for mb in micro_batches):
             raise AssertionError("micro-batches must share one [b, s] shape for the pipeline schedule")
         num_micro_batches = len(micro_batches)
+        check_targets(micro_batches, self.vocab_size)
         token_loss = per_completion(token_loss)
 
         def loss_func(batch: MicroBatch, logits: torch.Tensor):
@@ -148,8 +161,9 @@ class ScoringModel:
 
         def forward_step(data_iterator, model):
             batch = next(data_iterator).to(self.env.device)
+            layout = None if batch.packing is None else batch.packing.layout
             logits = model(batch.input_ids, batch.position_ids, batch.attention_mask, batch.pixel_values,
-                           batch.image_grid_thw, raw_logits=True)
+                           batch.image_grid_thw, raw_logits=True, prefix_layout=layout)
             return logits, partial(loss_func, batch)
 
         return get_forward_backward_func()(
@@ -176,8 +190,8 @@ class ActorModel(ScoringModel):
 
     def __init__(self, family: VLMFamily, hf_config: PretrainedConfig, hf_path: str, env: ParallelEnv,
                  model_cfg: ModelConfig, optim_cfg: OptimConfig, total_steps: int, distributed_optimizer: bool = True,
-                 recompute: str = "none", explicit_mask: bool = False):
-        super().__init__(family, hf_config, hf_path, env, model_cfg, recompute=recompute, explicit_mask=explicit_mask)
+                 recompute: str = "none", shared_prefix: bool = False):
+        super().__init__(family, hf_config, hf_path, env, model_cfg, recompute=recompute, shared_prefix=shared_prefix)
         check_trainable_layout(self.module, env.tp)
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer

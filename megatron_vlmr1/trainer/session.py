@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from megatron_vlmr1.config import save_config
 from megatron_vlmr1.trainer.checkpoint import CheckpointManager
+from megatron_vlmr1.trainer.loss import ordered_sum
 from megatron_vlmr1.parallel import all_reduce_sum, any_rank, init_parallel, teardown_parallel
 from megatron_vlmr1.trainer.metrics import MetricsLogger, plot_run
 from megatron_vlmr1.trainer.preemption import Preempted, PreemptionGuard
@@ -27,7 +28,7 @@ OPTIMIZER_CKPT_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 class TrainingSession(abc.ABC):
-    needs_explicit_mask = False  # the training forward passes block masks (shared prefix): local attention
+    shared_prefix = False  # the training forward reads shared-prefix packed rows (their core attention is built)
 
     def __init__(self, cfg: Any, prompts_per_step: int):
         from transformers import AutoConfig
@@ -51,7 +52,7 @@ class TrainingSession(abc.ABC):
                                   rank=self.env.dp_rank, world_size=self.env.dp)
         self.actor = ActorModel(self.family, self.hf_config, cfg.model.path, self.env, cfg.model, cfg.optim,
                                 total_steps=cfg.train.steps, distributed_optimizer=cfg.parallel.distributed_optimizer,
-                                recompute=cfg.parallel.recompute, explicit_mask=self.needs_explicit_mask)
+                                recompute=cfg.parallel.recompute, shared_prefix=self.shared_prefix)
         self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", rank=self.env.rank,
                                              keep_last=cfg.checkpoint.keep_last, barrier=dist.barrier)
         self.start_step = self.maybe_resume()
@@ -78,21 +79,32 @@ class TrainingSession(abc.ABC):
         """Sum over the data-parallel replicas (e.g. a loss normaliser counted over the whole step's batch)."""
         return all_reduce_sum([value], group=self.env.dp_group)[0]
 
-    def reduce_token_metrics(self, outputs: list[dict]) -> dict:
+    def reduce_token_metrics(self, outputs: list[dict[str, torch.Tensor]]) -> dict:
         """Token-weighted means of the loss callback's metrics over micro-batches and replicas.
 
-        Each micro-batch reports ``metric * tokens`` and ``tokens``; only last-stage ranks report. Tensor-parallel
-        ranks report identical values, which cancel in the ratio.
+        Each micro-batch reports ``metric * tokens`` and ``tokens`` as 0-dim float64 device tensors; only last-stage
+        ranks report. Tensor-parallel ranks report identical values, which cancel in the ratio. The sums are formed
+        on the device in micro-batch order (``ordered_sum``: the numbers Python's float sum gave) and read with one
+        ``tolist()`` per step: a single host sync, however many micro-batches.
         """
         keys = sorted({k for out in outputs for k in out if k not in ("tokens", "rollout_logprob_gap_max")})
         keys = self._same_keys_everywhere(keys)
-        local = [sum(out.get(k, 0.0) for out in outputs) for k in keys] + [sum(out["tokens"] for out in outputs)]
-        *sums, tokens = self.all_reduce(local)
-        result = {k: v / max(tokens, 1.0) for k, v in zip(keys, sums)}
-        if "rollout_logprob_gap" in keys:
-            gap_max = torch.tensor([max((out.get("rollout_logprob_gap_max", 0.0) for out in outputs), default=0.0)])
+        device = self.env.device
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        rows = [torch.stack([out.get(k, zero) for k in keys] + [out["tokens"]]) for out in outputs]
+        sums = ordered_sum(rows) if rows else torch.zeros(len(keys) + 1, dtype=torch.float64, device=device)
+        dist.all_reduce(sums)
+        gap = "rollout_logprob_gap" in keys
+        if gap:  # |logprob - rollout logprob| >= 0, so 0 stands in for a rank without micro-batches
+            gap_max = torch.stack([out.get("rollout_logprob_gap_max", zero) for out in outputs] + [zero]).max()
+            gap_max = gap_max.reshape(1)
             dist.all_reduce(gap_max, op=dist.ReduceOp.MAX)
-            result["rollout_logprob_gap_max"] = float(gap_max)
+            sums = torch.cat([sums, gap_max])
+        read = sums.tolist()  # the step's one host read
+        *values, tokens = read[:len(keys) + 1]
+        result = {k: v / max(tokens, 1.0) for k, v in zip(keys, values)}
+        if gap:
+            result["rollout_logprob_gap_max"] = read[-1]
         return result
 
     def _same_keys_everywhere(self, keys: list[str]) -> list[str]:

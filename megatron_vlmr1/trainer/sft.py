@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from megatron_vlmr1.data import DataConfig
+from megatron_vlmr1.data import DataConfig, Sample
 from megatron_vlmr1.trainer.config import CheckpointConfig, LoopConfig, ModelConfig, OptimConfig, ParallelConfig
 from megatron_vlmr1.trainer.loss import NLLLoss
+from megatron_vlmr1.trainer.policy import MicroBatch
 from megatron_vlmr1.trainer.session import TrainingSession, run_cli
 
 
@@ -54,16 +55,22 @@ class SFTTrainer(TrainingSession):
         super().__init__(cfg, cfg.train.prompts_per_step)
 
     def step(self, step: int) -> dict:
+        return self.update(self.micro_batches(next(self.data)))
+
+    def micro_batches(self, samples: list[Sample]) -> list[MicroBatch]:
+        """Prompt + R1-format target of each sample, in ``train.micro_batch_size`` rows per micro-batch."""
         from megatron_vlmr1.trainer.batching import make_micro_batches
 
-        samples = next(self.data)
         tokenizer = self.processor.tokenizer
         prompts = [self.family.encode_prompt(self.processor, s.messages, list(s.image_paths)) for s in samples]
         end = self.family.end_of_turn
         targets = [tokenizer(sft_target(s.solution, self.cfg.think) + end, add_special_tokens=False)["input_ids"]
                    for s in samples]
-        micro_batches = make_micro_batches(self.family, self.processor, self.hf_config, prompts, targets,
-                                           self.cfg.train.micro_batch_size)
+        return make_micro_batches(self.family, self.processor, self.hf_config, prompts, targets,
+                                  self.cfg.train.micro_batch_size)
+
+    def update(self, micro_batches: list[MicroBatch]) -> dict:
+        """One optimizer update over the micro-batches; its metrics are read from the device once."""
         loss = NLLLoss(micro_batches, self.env.dp, self.data_parallel_sum)
         metrics: dict[str, float] = {}
         with self.timer("update", metrics):

@@ -140,8 +140,11 @@ class VLMFamily(abc.ABC):
     @abc.abstractmethod
     def build_model(self, hf_config: PretrainedConfig, env: ParallelEnv, *, params_dtype: torch.dtype = torch.float32,
                     backend: str = "local", num_query_groups: int | None = None,
-                    make_vocab_size_divisible_by: int = 128, **config_overrides: object) -> torch.nn.Module:
+                    make_vocab_size_divisible_by: int = 128, shared_prefix_attention: bool = False,
+                    **config_overrides: object) -> torch.nn.Module:
         """The megatron model for ``env``'s pipeline stage, laid out for its TP size, with defaults for its device.
+        ``shared_prefix_attention``: the decoder's core attention is ``vlm.prefix_attention.SharedPrefixAttention``
+        (reads shared-prefix layouts; the rest of the ``backend``'s layer spec is kept).
 
         The model keeps ``env`` as ``parallel_env``: the weight exporter/loader and LoRA read ranks and groups there.
         """
@@ -163,16 +166,17 @@ class VLMFamily(abc.ABC):
         (the ``hf`` engine's weight sync receives checkpoint names)."""
         return checkpoint_name
 
-    def default_backend(self, device: torch.device) -> str:
+    def default_backend(self, device: torch.device, separate_norm: bool = False) -> str:
         """The layer implementation for a run on ``device``: ``te`` (Transformer Engine) when it is importable and
-        the run is on CUDA, ``local`` (pure megatron-core) otherwise."""
+        the run is on CUDA, ``local`` (pure megatron-core) otherwise. ``separate_norm`` (LoRA, whose hooks need each
+        linear's own input): ``te_split``, Transformer Engine layers with the norms as modules of their own."""
         if device.type != "cuda":
             return "local"
         try:
             import transformer_engine  # noqa: F401
         except ImportError:
             return "local"
-        return "te"
+        return "te_split" if separate_norm else "te"
 
     # -- the input side: what trainers and engines call, so they never branch on the model name --------------
     def load_processor(self, hf_dir: str | os.PathLike) -> ProcessorMixin:

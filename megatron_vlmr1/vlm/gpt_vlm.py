@@ -2,9 +2,9 @@
 
 Qwen-VL and InternVL differ only in their vision side (which tower, how pixels become features, how positions are
 laid out); the language model is the same megatron ``GPTModel`` with multimodal RoPE, TP/PP, a padded vocabulary,
-a [b, s] padding mask or a ready [b, 1, s, s] block mask, and the trainer's ``raw_logits`` output. A family's model
-subclasses ``VisionLanguageGPT`` and supplies ``build_visual``, ``image_features`` and (if its positions are not
-megatron's [3, b, s]) ``rope_position_ids``.
+a [b, s] padding mask, a ready [b, 1, s, s] mask or a shared-prefix layout, and the trainer's ``raw_logits`` output.
+A family's model subclasses ``VisionLanguageGPT`` and supplies ``build_visual``, ``image_features`` and (if its
+positions are not megatron's [3, b, s]) ``rope_position_ids``.
 """
 from __future__ import annotations
 
@@ -25,7 +25,12 @@ if TYPE_CHECKING:
 
 
 def layer_spec(backend: str) -> ModuleSpec:
-    """megatron layer spec: ``local`` (pure megatron-core, runs on CPU) or ``te`` (Transformer Engine, CUDA)."""
+    """megatron layer spec: ``local`` (pure megatron-core, runs on CPU), ``te`` (Transformer Engine, CUDA) or
+    ``te_split`` (Transformer Engine with norms apart from the linears, for LoRA: ``vlm.layer_specs``)."""
+    if backend == "te_split":
+        from megatron_vlmr1.vlm.layer_specs import te_split_norm_layer_spec
+
+        return te_split_norm_layer_spec()
     if backend == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
@@ -34,7 +39,7 @@ def layer_spec(backend: str) -> ModuleSpec:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
         return get_gpt_layer_local_spec(normalization="RMSNorm")
-    raise ValueError(f"model backend {backend!r}: expected 'local' or 'te'")
+    raise ValueError(f"model backend {backend!r}: expected 'local', 'te' or 'te_split'")
 
 
 def rope_theta(hf_config: Any) -> float:
@@ -52,7 +57,7 @@ def device_defaults(device: torch.device, backend: str) -> dict[str, bool]:
     they are all off: the fused kernels are CUDA-only.
     """
     cuda = device.type == "cuda"
-    te = cuda and backend == "te"
+    te = cuda and backend in ("te", "te_split")
     return dict(use_cpu_initialization=not cuda, bias_activation_fusion=cuda, masked_softmax_fusion=cuda,
                 apply_rope_fusion=te, gradient_accumulation_fusion=te, persist_layer_norm=False)
 
@@ -111,7 +116,8 @@ class VisionLanguageGPT(MegatronModule, abc.ABC):
     """One pipeline stage of a VLM: [vision side + embeddings] -> decoder layers -> [final norm + LM head].
 
     ``forward(input_ids [b, s], position_ids, attention_mask [b, s], pixel_values, image_grid_thw)``
-    (``attention_mask`` may also be a ready [b, 1, s, s] bool mask, True = masked: shared-prefix packing's block mask)
+    (``attention_mask`` may also be a ready [b, 1, s, s] bool mask, True = masked; shared-prefix packed rows pass
+    ``prefix_layout`` instead, see ``vlm/prefix_attention.py``)
     returns, on the last stage, logits [b, s, vocab_shard] where vocab_shard = padded_vocab / TP; columns beyond the
     real vocabulary are -inf (at TP=1 they are sliced off instead, so the shape is exactly [b, s, vocab]). With
     ``raw_logits=True`` the last stage returns the LM head's output as it is: [s, b, vocab_shard], padded columns
@@ -181,12 +187,19 @@ class VisionLanguageGPT(MegatronModule, abc.ABC):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-                raw_logits: bool = False) -> torch.Tensor:
+                raw_logits: bool = False, prefix_layout: torch.Tensor | None = None) -> torch.Tensor:
+        """``prefix_layout`` [b, 1 + S] (shared-prefix packed rows, ``trainer.packing.prefix_layout``) replaces
+        ``attention_mask``; it needs a model built with ``shared_prefix_attention``."""
         decoder_input = self.embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
-        if attention_mask.dim() == 2:
+        if prefix_layout is not None:
+            if not self.uses_shared_prefix_attention():
+                raise ValueError("a shared-prefix layout needs a model built with shared_prefix_attention=True "
+                                 "(its core attention reads the layout)")
+            attention_mask = prefix_layout
+        elif attention_mask.dim() == 2:
             attention_mask = padding_attention_mask(attention_mask)
         elif self.config_uses_fused_attention():
-            raise ValueError("a [b, 1, s, s] block mask (shared-prefix packing) needs the 'local' backend: "
+            raise ValueError("a [b, 1, s, s] block mask needs the 'local' backend or shared_prefix_attention: "
                              "Transformer Engine's fused attention takes its mask type from the layer spec")
         output = self.language_model(input_ids=input_ids, position_ids=self.rope_position_ids(position_ids),
                                      attention_mask=attention_mask, decoder_input=decoder_input,
@@ -195,13 +208,19 @@ class VisionLanguageGPT(MegatronModule, abc.ABC):
             return output
         return self.mask_padded_vocab(output)
 
+    def _core_attention(self) -> torch.nn.Module | None:
+        layers = getattr(getattr(self.language_model, "decoder", None), "layers", None)
+        return getattr(layers[0].self_attention, "core_attention", None) if layers else None
+
     def config_uses_fused_attention(self) -> bool:
         """Whether the decoder's core attention is Transformer Engine's (it ignores an explicit block mask)."""
-        layers = getattr(getattr(self.language_model, "decoder", None), "layers", None)
-        if not layers:
-            return False
-        core = getattr(layers[0].self_attention, "core_attention", None)
-        return type(core).__name__.startswith("TE")
+        return type(self._core_attention()).__name__.startswith("TE")
+
+    def uses_shared_prefix_attention(self) -> bool:
+        """Whether the decoder's core attention reads shared-prefix layouts (``vlm.prefix_attention``)."""
+        from megatron_vlmr1.vlm.prefix_attention import SharedPrefixAttention
+
+        return isinstance(self._core_attention(), SharedPrefixAttention)
 
     def mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """Padded vocabulary columns must not take part in any softmax: slice (TP=1) or -inf in place (TP>1).

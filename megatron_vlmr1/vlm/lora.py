@@ -21,7 +21,8 @@ drawn uniform(±1/sqrt(fan_in)) (PEFT's kaiming default) from a generator seeded
 full matrix generated and then sharded, so every TP/PP layout starts from the same adapters.
 
 Known limits: the hook needs the linear's own input, so LayerNorm-fused Transformer Engine linears (``te`` backend's
-qkv/fc1) and sequence parallelism are rejected. Dropout on a replicated input (column) draws from the default
+qkv/fc1) and sequence parallelism are rejected; LoRA runs on GPU use the ``te_split`` backend (``vlm.layer_specs``:
+``TENorm`` apart from ``TEColumnParallelLinear`` / ``TERowParallelLinear``, attention still ``TEDotProductAttention``). Dropout on a replicated input (column) draws from the default
 generator, which megatron keeps identical over TP ranks, so every rank drops the same features; on a sharded input
 (row) it draws from megatron's TP-rank-specific RNG tracker stream, as megatron's own dropout on sharded heads does.
 """
@@ -158,8 +159,8 @@ def apply_lora(model: torch.nn.Module, rank: int, alpha: float, dropout: float =
     adapted = []
     for name, kind, linear in list(_adapted_linears(model, list(targets))):
         if hasattr(linear, "layer_norm_weight"):
-            raise ValueError(f"{name}: LoRA does not support LayerNorm-fused linears (Transformer Engine backend); "
-                             "build the model with the local backend")
+            raise ValueError(f"{name}: LoRA does not support LayerNorm-fused linears (Transformer Engine 'te' "
+                             "backend); build the model with the 'te_split' or 'local' backend")
         if getattr(linear, "sequence_parallel", False):
             raise ValueError(f"{name}: LoRA does not support sequence parallelism (parallel.sequence_parallel)")
         if hasattr(linear, "lora"):

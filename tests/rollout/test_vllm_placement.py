@@ -7,28 +7,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from megatron_vlmr1.rollout.config import RolloutConfig, build_engine, model_max_len
-
-
-@pytest.fixture
-def fake_llm(monkeypatch):
-    seen: dict = {}
-
-    class FakeLLM:
-        def __init__(self, **kwargs):
-            seen.clear()
-            seen.update(kwargs)
-
-    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(LLM=FakeLLM))
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    return seen
 
 
 def test_vllm_in_a_torchrun_world_uses_external_launcher_tp_and_local_rank_device(fake_llm, tiny_qwen2_5_vl,
@@ -37,6 +20,8 @@ def test_vllm_in_a_torchrun_world_uses_external_launcher_tp_and_local_rank_devic
     monkeypatch.setenv("LOCAL_RANK", "3")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (70 * 2**30, 80 * 2**30))
     engine = build_engine(RolloutConfig(engine="vllm"), str(tiny_qwen2_5_vl), tp=2, world_size=4)
     assert fake_llm["tensor_parallel_size"] == 2
     assert fake_llm["distributed_executor_backend"] == "external_launcher"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_vlmr1.trainer.packing import pack_group, shared_prefix_attention_mask
+from megatron_vlmr1.trainer.packing import PAD_SEGMENT, PROMPT_SEGMENT, pack_group
 from tools.bench_grpo import attended_keys, parse_args
 
 
@@ -15,10 +15,13 @@ def test_attended_keys_hand_computed():
     assert attended_keys(3, [2, 1], shared=True) == 22
 
 
-def test_attended_keys_matches_the_packed_mask():
+def test_attended_keys_matches_the_packed_attention():
     input_ids = torch.tensor([[5, 6, 7, 8, 9, 10, 0], [5, 6, 7, 8, 11, 0, 0]])
     packed = pack_group(input_ids, torch.zeros(3, 2, 7, dtype=torch.long), prompt_length=4, completion_lengths=[3, 1])
-    allowed = ~shared_prefix_attention_mask(packed.segments[None])
+    segments = packed.segments
+    query, key = segments[:, None], segments[None, :]
+    causal = torch.ones(len(segments), len(segments), dtype=torch.bool).tril()
+    allowed = causal & (key != PAD_SEGMENT) & ((key == PROMPT_SEGMENT) | (key == query))
     assert int(allowed.sum()) == attended_keys(4, [3, 1], shared=True)
 
 

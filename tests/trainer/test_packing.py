@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_vlmr1.trainer.packing import Packing, pack_group, shared_prefix_attention_mask
+from megatron_vlmr1.trainer.packing import Packing, pack_group, prefix_layout
 
 
 def _group():
@@ -35,23 +35,20 @@ def test_pack_group_rejects_rows_with_different_prompts():
         pack_group(input_ids, position_ids, prompt_length=3, completion_lengths=[2, 1])
 
 
-def test_shared_prefix_attention_mask():
-    segments = torch.tensor([[0, 0, 1, 1, 2, -1]])
-    allowed = (~shared_prefix_attention_mask(segments))[0, 0].int().tolist()
-    assert allowed == [
-        [1, 0, 0, 0, 0, 0],  # prompt: causal
-        [1, 1, 0, 0, 0, 0],
-        [1, 1, 1, 0, 0, 0],  # segment 1: prompt + itself, causal
-        [1, 1, 1, 1, 0, 0],
-        [1, 1, 0, 0, 1, 0],  # segment 2: prompt + itself, never segment 1
-        [0, 0, 0, 0, 0, 0],  # padding query: nothing
-    ]
+def test_prefix_layout():
+    # prompt of 2, segments of 2 and 1, one padding token; a second row without prompt tokens and one segment
+    segments = torch.tensor([[0, 0, 1, 1, 2, -1], [1, 1, 1, -1, -1, -1]])
+    assert prefix_layout(segments).tolist() == [[2, 2, 1], [0, 3, 0]]
+    assert prefix_layout(segments).device.type == "cpu"
+    for bad in ([[0, 1, 0, 2]], [[0, 2, 2, -1]], [[-1, -1]], [[0, 0, -1, -1]]):
+        with pytest.raises(ValueError, match="segments must be"):
+            prefix_layout(torch.tensor(bad))
 
 
 def test_packing_rows_maps_columns_back_to_completions():
     values = torch.arange(14, dtype=torch.float32).reshape(2, 7)
     packing = Packing(target_mask=torch.zeros(2, 7), row_of=torch.tensor([0, 0, 1]),
-                      columns=torch.tensor([[2, 3], [5, 0], [1, 4]]))
+                      columns=torch.tensor([[2, 3], [5, 0], [1, 4]]), layout=torch.tensor([[1, 3, 3], [1, 3, 3]]))
     loss_mask = torch.tensor([[1, 1], [1, 0], [1, 1]])
     assert packing.rows(values, loss_mask).tolist() == [[2.0, 3.0], [5.0, 0.0], [8.0, 11.0]]
 

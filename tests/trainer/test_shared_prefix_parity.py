@@ -1,8 +1,12 @@
 """Shared-prefix packing gives the per-row forward's log-probs and gradients (TP=1, TP=2, PP=2, LoRA).
 
 Two groups (a two-image prompt and a one-image prompt) with three completions of different lengths go through
-``ScoringModel.run`` (megatron's schedule, two micro-batches) once per row and once packed. The loss is a fixed
-random weighting of every completion token's log-prob, so every parameter's gradient is compared.
+``ScoringModel.run`` (megatron's schedule, two micro-batches) once per row, on the per-row model (megatron's own
+attention under a padding mask), and once packed, on a model built with the shared-prefix core attention
+(``vlm/prefix_attention.py``) and the same weights. The loss is a fixed random weighting of every completion token's
+log-prob, so every parameter's gradient is compared. The packed model runs with activation recompute in some cases
+(``selective``: the core attention, ``full``: whole layers), which saves the layout as a tensor and replays the
+attention in backward.
 """
 from __future__ import annotations
 
@@ -31,19 +35,19 @@ def _groups(processor, family):
     return prompts, completions
 
 
-def _run(model_dir: str, tp: int, pp: int, train_mode: str) -> dict:
+def _run(model_dir: str, tp: int, pp: int, train_mode: str, recompute: str = "none") -> dict:
     """Per-row and packed log-probs [rows, T] (last stage) and gradients (every rank) of this rank's model."""
     from megatron_vlmr1.trainer.config import ParallelConfig
     from megatron_vlmr1.parallel import init_parallel, teardown_parallel
 
     env = init_parallel(ParallelConfig(tp=tp, pp=pp, device="cpu"), seed=0)
     try:
-        return _compute(model_dir, env, train_mode)
+        return _compute(model_dir, env, train_mode, recompute)
     finally:
         teardown_parallel(env)
 
 
-def _compute(model_dir: str, env, train_mode: str) -> dict:
+def _compute(model_dir: str, env, train_mode: str, recompute: str) -> dict:
     from transformers import AutoConfig
 
     from megatron_vlmr1.trainer.batching import make_micro_batches, make_shared_prefix_micro_batches
@@ -56,12 +60,15 @@ def _compute(model_dir: str, env, train_mode: str) -> dict:
     family = get_family(hf_config)
     processor = family.load_processor(model_dir)
     model_cfg = ModelConfig(path=model_dir, train_mode=train_mode)
-    scoring = ScoringModel(family, hf_config, model_dir, env, model_cfg)
-    apply_train_mode(scoring.module, model_cfg)
-    if train_mode == "lora":  # non-zero B so that the adapters change the forward
-        gen = torch.Generator().manual_seed(1)
-        for adapter in lora_adapters(scoring.module).values():
-            adapter.B.data.copy_(torch.randn(adapter.B.shape, generator=gen) * 0.05)
+    models = {}
+    for name, shared_prefix in (("rows", False), ("packed", True)):
+        scoring = models[name] = ScoringModel(family, hf_config, model_dir, env, model_cfg, shared_prefix=shared_prefix,
+                                              recompute=recompute if shared_prefix else "none")
+        apply_train_mode(scoring.module, model_cfg)
+        if train_mode == "lora":  # non-zero B (the same in both models) so that the adapters change the forward
+            gen = torch.Generator().manual_seed(1)
+            for adapter in lora_adapters(scoring.module).values():
+                adapter.B.data.copy_(torch.randn(adapter.B.shape, generator=gen) * 0.05)
     prompts, completions = _groups(processor, family)
     gen = torch.Generator().manual_seed(2)
     weights = [torch.randn(len(c), generator=gen).tolist() for group in completions for c in group]
@@ -70,6 +77,9 @@ def _compute(model_dir: str, env, train_mode: str) -> dict:
                                  row_token_values={"weights": weights})
     packed = make_shared_prefix_micro_batches(family, processor, hf_config, prompts, completions, 1,
                                               row_token_values={"weights": weights})
+    if env.pp == 1:  # a model with megatron's own attention refuses packed rows instead of misreading them
+        with pytest.raises(ValueError, match="shared_prefix_attention"):
+            models["rows"].run(packed[:1], lambda batch, logprobs, entropy: (logprobs.sum(), {}), forward_only=True)
     out = {}
     for name, micro_batches in (("rows", per_row), ("packed", packed)):
         kept = []
@@ -78,6 +88,7 @@ def _compute(model_dir: str, env, train_mode: str) -> dict:
             kept.append(logprobs.detach())
             return (logprobs * batch.fields["weights"]).sum(), {}
 
+        scoring = models[name]
         scoring.module.zero_grad(set_to_none=True)
         scoring.module.train()
         scoring.run(micro_batches, token_loss, forward_only=False)
@@ -103,8 +114,8 @@ def _compare(result: dict) -> None:
         assert error < 1e-5, (name, float(error))
 
 
-def _distributed(rank, world_size, model_dir, tp, pp, train_mode):
-    result = _run(model_dir, tp, pp, train_mode)
+def _distributed(rank, world_size, model_dir, tp, pp, train_mode, recompute):
+    result = _run(model_dir, tp, pp, train_mode, recompute)
     try:
         if result["rows"]["logprobs"]:  # the last pipeline stage
             _compare(result)
@@ -113,16 +124,16 @@ def _distributed(rank, world_size, model_dir, tp, pp, train_mode):
     return "ok"
 
 
-@pytest.mark.parametrize("train_mode", ["full", "lora"])
-def test_shared_prefix_matches_per_row_tp1(tiny_qwen2_5_vl, train_mode):
-    result = _run(str(tiny_qwen2_5_vl), 1, 1, train_mode)
+@pytest.mark.parametrize("train_mode,recompute", [("full", "none"), ("lora", "selective")])
+def test_shared_prefix_matches_per_row_tp1(tiny_qwen2_5_vl, train_mode, recompute):
+    result = _run(str(tiny_qwen2_5_vl), 1, 1, train_mode, recompute)
     _compare(result)
     if train_mode == "full":  # the vision tower is trained too: its gradient goes through the shared prompt
         assert any(name.startswith("visual.") for name in result["rows"]["grads"])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_shared_prefix_matches_per_row_tp2_pp2_lora(tiny_qwen2_5_vl_kv2, tp, pp):
-    results = run_distributed(_distributed, 2, str(tiny_qwen2_5_vl_kv2), tp, pp, "lora")
+@pytest.mark.parametrize("tp,pp,recompute", [(2, 1, "none"), (1, 2, "full")])
+def test_shared_prefix_matches_per_row_tp2_pp2_lora(tiny_qwen2_5_vl_kv2, tp, pp, recompute):
+    results = run_distributed(_distributed, 2, str(tiny_qwen2_5_vl_kv2), tp, pp, "lora", recompute)
     assert results == ["ok", "ok"]

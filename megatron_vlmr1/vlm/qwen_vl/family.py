@@ -8,6 +8,7 @@ import torch
 from megatron_vlmr1.parallel import ParallelEnv
 from megatron_vlmr1.vlm.base import ModelLayout, VLMFamily, WeightSpec, register_family
 from megatron_vlmr1.vlm.gpt_vlm import layer_spec
+from megatron_vlmr1.vlm.prefix_attention import with_shared_prefix_attention
 from megatron_vlmr1.vlm.inputs import ChatMessage, EncodedPrompt, ImageInput, PromptBatch, TrainingBatch
 from megatron_vlmr1.vlm.qwen_vl import processor as inputs
 from megatron_vlmr1.vlm.qwen_vl import weights
@@ -35,7 +36,8 @@ class QwenVLFamily(VLMFamily):
 
     def build_model(self, hf_config: PretrainedConfig, env: ParallelEnv, *, params_dtype: torch.dtype = torch.float32,
                     backend: str = "local", num_query_groups: int | None = None,
-                    make_vocab_size_divisible_by: int = 128, **config_overrides: object) -> QwenVLModel:
+                    make_vocab_size_divisible_by: int = 128, shared_prefix_attention: bool = False,
+                    **config_overrides: object) -> QwenVLModel:
         """This stage's model (``perform_initialization=False`` skips the random init when weights follow).
 
         ``num_query_groups`` defaults to the KV heads, repeated up to the TP size when TP exceeds them; pass it
@@ -43,7 +45,10 @@ class QwenVLFamily(VLMFamily):
         """
         layout = self.layout(hf_config, env.tp, num_query_groups, make_vocab_size_divisible_by, backend)
         config = transformer_config(hf_config, layout, env, params_dtype, backend, **config_overrides)
-        model = QwenVLModel(hf_config, config, layout, layer_spec(backend), env)
+        spec = layer_spec(backend)
+        if shared_prefix_attention:
+            spec = with_shared_prefix_attention(spec)
+        model = QwenVLModel(hf_config, config, layout, spec, env)
         if not config.perform_initialization:
             mark_tensor_parallel_weights(model)
         return model
