@@ -61,7 +61,7 @@ evaluate() {  # evaluate TASK MODEL_DIR REPORT_DIR
 
 # 1. The shared start: a short SFT warm-up on both tasks (format + a first guess), evaluated once as step 0.
 if [ ! -f "$OUT/start/hf/config.json" ]; then
-  $PY -m megatron_vlmr1 sft --config examples/configs/demo_sft.yaml model.path="$BASE_MODEL" \
+  $PY -m megatron_vlmr1 sft --config examples/configs/sft_vs_rl_sft.yaml model.path="$BASE_MODEL" \
       "data.files=[$REC/train.jsonl,$OVD/train.jsonl]" data.task=rec train.output_dir="$OUT/start" \
       train.steps="$WARMUP_STEPS" train.prompts_per_step="$WARMUP_PROMPTS" train.micro_batch_size="$MICRO" \
       train.seed="$SEED" checkpoint.save_interval=0 "${QUIET[@]}"
@@ -75,14 +75,14 @@ COMMON=(model.path="$OUT/start/hf" train.prompts_per_step="$PROMPTS" train.micro
         checkpoint.keep_last=1 optim.lr_schedule=constant optim.warmup_steps=0 "${QUIET[@]}")
 for (( step = EVAL_EVERY; step <= STEPS; step += EVAL_EVERY )); do
   tag=$(printf "step_%04d" "$step")
-  $PY -m megatron_vlmr1 sft --config examples/configs/demo_sft.yaml "${COMMON[@]}" \
+  $PY -m megatron_vlmr1 sft --config examples/configs/sft_vs_rl_sft.yaml "${COMMON[@]}" \
       "data.files=[$REC/train.jsonl]" train.output_dir="$OUT/rec_sft" train.steps="$step"
   evaluate rec "$OUT/rec_sft/hf" "$OUT/evals/rec/sft/$tag"
-  $PY -m megatron_vlmr1 train --config examples/configs/demo_grpo.yaml "${COMMON[@]}" algo.group_size="$GROUP" \
+  $PY -m megatron_vlmr1 train --config examples/configs/sft_vs_rl_grpo.yaml "${COMMON[@]}" algo.group_size="$GROUP" \
       "data.files=[$REC/train.jsonl]" train.output_dir="$OUT/rec_grpo" train.steps="$step"
   evaluate rec "$OUT/rec_grpo/hf" "$OUT/evals/rec/grpo/$tag"
   for reward in ap map_len; do
-    $PY -m megatron_vlmr1 train --config examples/configs/demo_grpo.yaml "${COMMON[@]}" algo.group_size="$GROUP" \
+    $PY -m megatron_vlmr1 train --config examples/configs/sft_vs_rl_grpo.yaml "${COMMON[@]}" algo.group_size="$GROUP" \
         "data.files=[$OVD/train.jsonl]" data.task=ovd rollout.sampling.max_new_tokens=96 \
         "rewards=[{name: format, weight: 1.0}, {name: $reward, weight: 1.0}]" \
         train.output_dir="$OUT/ovd_$reward" train.steps="$step"

@@ -1,7 +1,7 @@
 """Write a synthetic REC or OVD data set (coloured shapes) in VLM-R1's jsonl format.
 
     python tools/make_synthetic_data.py --task rec --out data/rec --n 1000 [--seed 0] [--images-per-sample 1]
-        [--n-test 200] [--difficulty {normal,easy}]
+        [--n-test 200] [--difficulty {normal,easy,locate}]
 
 Writes ``train.jsonl``, ``test.jsonl`` and ``test_ood.jsonl`` (held-out colour x shape pairs) with images under
 ``OUT/images/``; for OVD also ``<split>_coco.json``. Pair the jsonl files with ``OUT`` as their image folder.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from megatron_vlmr1.data.synthetic import make_dataset  # noqa: E402
+from megatron_vlmr1.data.synthetic import DIFFICULTIES, make_dataset  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,8 +26,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-test", type=int, default=None, help="records in test and in test_ood (default n/5)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images-per-sample", type=int, default=1)
-    parser.add_argument("--difficulty", choices=("normal", "easy"), default="normal",
-                        help="easy: one or two large shapes in a 112 px image at four possible positions")
+    parser.add_argument("--difficulty", choices=DIFFICULTIES, default="normal",
+                        help="easy: one or two large shapes in a 112 px image at four possible positions; "
+                             "locate (the CPU demo): one shape filling a quadrant, over a background whose "
+                             "colour codes the pixel's x and y")
     args = parser.parse_args(argv)
     try:
         written = make_dataset(args.task, args.out, args.n, args.seed, n_test=args.n_test,

@@ -12,6 +12,12 @@ of 28 (112 to 224 px) so Qwen-VL processors keep the original size and predicted
 Splits: ``train`` and ``test`` only ever draw in-domain colour x shape combinations; ``test_ood`` asks about
 combinations listed in ``HELD_OUT`` (every colour and every shape still occurs in training, only the pairing is new),
 for out-of-domain evaluation.
+
+Difficulties: ``normal`` (one to four shapes of any size anywhere on 112-224 px canvases, half of them noisy, half
+of the REC expressions relational), ``easy`` (one or two 44 px shapes in the quadrants of a 112 px canvas) and
+``locate`` (the CPU demo's task: one 56 px shape filling one quadrant of a 112 px canvas, i.e. exactly 2 x 2 of
+Qwen-VL's merged 28 px image tokens, over a background whose red and green channels are the pixel's x and y; the
+shape is drawn in the blue channel only, so the image tokens it covers carry their own position in their colour).
 """
 from __future__ import annotations
 
@@ -59,7 +65,9 @@ OVD_QUESTION = (
     'If no targets are detected in the image, simply respond with "None".'
 )
 
-Difficulty = Literal["normal", "easy"]
+Difficulty = Literal["normal", "easy", "locate"]
+DIFFICULTIES: tuple[str, ...] = ("normal", "easy", "locate")
+LOCATE_SIDE, LOCATE_SIZE = 112, 56  # canvas and shape: 4 x 4 and 2 x 2 merged 28 px image tokens of Qwen-VL
 
 
 @dataclass(frozen=True)
@@ -84,11 +92,17 @@ class Scene:
     noisy: bool
     background: int
     noise_seed: int
+    coded: bool = False  # ``locate``: red = x and green = y of the background, shapes drawn in blue only
 
 
 def split_combos(difficulty: Difficulty) -> tuple[list[Combo], list[Combo]]:
     """(in-domain, held-out) colour x shape combinations of a difficulty; both are non-empty."""
-    colors, shapes = (EASY_COLORS, EASY_SHAPES) if difficulty == "easy" else (tuple(COLORS), SHAPES)
+    if difficulty == "locate":
+        colors, shapes = ("blue",), EASY_SHAPES  # every shape is drawn in the blue channel
+    elif difficulty == "easy":
+        colors, shapes = EASY_COLORS, EASY_SHAPES
+    else:
+        colors, shapes = tuple(COLORS), SHAPES
     every = [(c, s) for c in colors for s in shapes]
     inside = [cs for cs in every if cs not in HELD_OUT]
     held = [cs for cs in every if cs in HELD_OUT]
@@ -148,7 +162,15 @@ def _place(rng: random.Random, width: int, height: int, sizes: list[int]) -> lis
 
 def make_scene(rng: random.Random, combos: list[Combo], difficulty: Difficulty) -> Scene | None:
     """One object per entry of ``combos`` on a random canvas; None when they do not fit (the caller redraws)."""
-    if difficulty == "easy":
+    coded = False
+    if difficulty == "locate":
+        # Four positions (the quadrants), no margin: a shape covers whole image tokens and nothing else.
+        width = height = LOCATE_SIDE
+        far = LOCATE_SIDE - LOCATE_SIZE
+        corners = rng.sample([(0, 0), (far, 0), (0, far), (far, far)], len(combos))
+        squares = [(x, y, LOCATE_SIZE) for x, y in corners]
+        noisy, background, coded = False, 0, True
+    elif difficulty == "easy":
         # Few positions: each shape fills one quadrant of a 112 px canvas, so an image has at most 4 distinct boxes.
         width = height = 112
         corners = rng.sample([(6, 6), (62, 6), (6, 62), (62, 62)], len(combos))
@@ -163,11 +185,27 @@ def make_scene(rng: random.Random, combos: list[Combo], difficulty: Difficulty) 
         return None
     objects = tuple(Obj(color, shape, square, _mask_box(shape_mask(shape, width, height, square)))
                     for (color, shape), square in zip(combos, squares))
-    return Scene(width, height, objects, noisy, background, rng.randrange(2**32))
+    return Scene(width, height, objects, noisy, background, rng.randrange(2**32), coded)
+
+
+def _coded_background(width: int, height: int) -> np.ndarray:
+    """``locate``'s background ``[height, width, 3]``: red rises with x, green with y (20..200), blue is 0."""
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)
+    pixels[:, :, 0] = np.round(20 + 180 * np.arange(width) / max(width - 1, 1)).astype(np.uint8)[None, :]
+    pixels[:, :, 1] = np.round(20 + 180 * np.arange(height) / max(height - 1, 1)).astype(np.uint8)[:, None]
+    return pixels
 
 
 def render(scene: Scene) -> Image.Image:
-    """RGB image of a scene. Background noise is grey (r = g = b), so it never equals a shape colour."""
+    """RGB image of a scene. Background noise is grey (r = g = b), so it never equals a shape colour.
+
+    A coded scene (``locate``) keeps the position-coded red and green under its shapes and sets their blue to 255.
+    """
+    if scene.coded:
+        pixels = _coded_background(scene.width, scene.height)
+        for obj in scene.objects:
+            pixels[shape_mask(obj.shape, scene.width, scene.height, obj.square), 2] = 255
+        return Image.fromarray(pixels, "RGB")
     grey = np.full((scene.height, scene.width), scene.background, dtype=np.int16)
     if scene.noisy:
         noise = np.random.default_rng(scene.noise_seed).integers(-12, 13, size=grey.shape, dtype=np.int16)
@@ -223,7 +261,10 @@ def _rec_image(rng: random.Random, target: Combo, pool: list[Combo],
             if found is not None:
                 return found
             continue
-        k = rng.randrange(0, 2) if difficulty == "easy" else rng.randrange(1, 4)
+        if difficulty == "locate":
+            k = 0
+        else:
+            k = rng.randrange(0, 2) if difficulty == "easy" else rng.randrange(1, 4)
         scene = make_scene(rng, [target, *_others(rng, pool, {target}, k)], difficulty)
         if scene is not None:
             return scene, 0, f"the {' '.join(target)}"
@@ -232,7 +273,7 @@ def _rec_image(rng: random.Random, target: Combo, pool: list[Combo],
 def _filler_image(rng: random.Random, pool: list[Combo], difficulty: Difficulty) -> Scene:
     """An image that is not asked about (multi-image samples)."""
     while True:
-        k = rng.randrange(1, 3) if difficulty == "easy" else rng.randrange(1, 4)
+        k = rng.randrange(1, 3) if difficulty in ("easy", "locate") else rng.randrange(1, 4)
         scene = make_scene(rng, _others(rng, pool, set(), k), difficulty)
         if scene is not None:
             return scene
@@ -243,7 +284,7 @@ def _ovd_image(rng: random.Random, queryable: list[Combo], pool: list[Combo],
     """The asked-about image and its label query: labels of present objects (all instances), maybe absent ones."""
     while True:
         first = rng.choice(queryable)
-        k = rng.randrange(0, 2) if difficulty == "easy" else rng.randrange(1, 5)
+        k = rng.randrange(0, 2) if difficulty in ("easy", "locate") else rng.randrange(1, 5)
         # Repeat the first combination sometimes so a label can have several instances.
         rest = [first if rng.random() < 0.3 else rng.choice(pool) for _ in range(k)]
         scene = make_scene(rng, [first, *rest], difficulty)
@@ -386,8 +427,8 @@ def make_dataset(task: Literal["rec", "ovd"], out_dir: str | Path, n: int, seed:
     """
     if task not in ("rec", "ovd"):
         raise ValueError(f"task must be 'rec' or 'ovd', got {task!r}")
-    if difficulty not in ("normal", "easy"):
-        raise ValueError(f"difficulty must be 'normal' or 'easy', got {difficulty!r}")
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty must be one of {list(DIFFICULTIES)}, got {difficulty!r}")
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     if not 1 <= images_per_sample <= len(ORDINALS):

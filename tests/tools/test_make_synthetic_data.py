@@ -163,6 +163,27 @@ def test_easy_mode_has_few_large_shapes_at_few_positions(tmp_path):
     assert len(boxes) <= 12
 
 
+def test_locate_mode_codes_position_in_colour_and_draws_one_shape_per_quadrant(tmp_path):
+    make_dataset("rec", tmp_path, n=30, seed=0, n_test=4, difficulty="locate")
+    boxes = set()
+    for record in _records(tmp_path / "train.jsonl"):
+        pixels = np.asarray(Image.open(tmp_path / record["image"]).convert("RGB")).astype(int)
+        assert pixels.shape == (112, 112, 3) and len(record["objects"][0]) == 1
+        box = json.loads(record["conversations"][1]["value"])
+        x1, y1, x2, y2 = box
+        assert x1 in (0, 56) and y1 in (0, 56) and (x2 - x1, y2 - y1) == (56, 56)
+        boxes.add(tuple(box))
+        # Red is 20 at x = 0 and 200 at x = 111, green likewise in y, everywhere (under the shape too).
+        assert (pixels[:, 0, 0] == 20).all() and (pixels[:, 111, 0] == 200).all()
+        assert (pixels[0, :, 1] == 20).all() and (pixels[111, :, 1] == 200).all()
+        blue = pixels[:, :, 2] == 255
+        assert not blue[:y1].any() and not blue[y2:].any() and not blue[:, :x1].any() and not blue[:, x2:].any()
+        assert blue[y1:y2, x1:x2].mean() > 0.4 and (pixels[:, :, 2][~blue] == 0).all()
+    assert len(boxes) == 4  # the four quadrants
+    ood = {record["expression"] for record in _records(tmp_path / "test_ood.jsonl")}
+    assert ood == {"the blue square"}
+
+
 def test_generated_files_pass_the_loader(rec_dir, ovd_dir):
     samples = load_samples(DataConfig(files=[str(rec_dir / "train.jsonl"), str(ovd_dir / "test_ood.jsonl")],
                                       image_folders=[str(rec_dir), str(ovd_dir)]))
