@@ -5,17 +5,13 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from megatron_vlmr1.parallel import ParallelEnv
 from megatron_vlmr1.vlm.base import register_family
 from megatron_vlmr1.vlm.gpt_family import GPTFamily
-from megatron_vlmr1.vlm.gpt_vlm import layer_spec
 from megatron_vlmr1.vlm.inputs import EncodedPrompt, PromptBatch, TrainingBatch
-from megatron_vlmr1.vlm.prefix_attention import with_shared_prefix_attention
 from megatron_vlmr1.vlm.internvl import processor as inputs
 from megatron_vlmr1.vlm.internvl import weights
 from megatron_vlmr1.vlm.internvl.model import InternVLModel, InternVLVisual, check_supported, transformer_config
 from megatron_vlmr1.vlm.qwen_vl.weights import QwenLayout, make_layout
-from megatron_vlmr1.vlm.stages import mark_tensor_parallel_weights
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, ProcessorMixin
@@ -28,6 +24,8 @@ class InternVLFamily(GPTFamily):
     min_image_side = 28  # one merged 2x2 group of 14-pixel patches, as for Qwen-VL; tiles are resized anyway
     weights = weights
     inputs = inputs
+    model_class = InternVLModel
+    make_transformer_config = staticmethod(transformer_config)
 
     def default_box_space(self, model_type: str) -> str:
         """InternVL answers boxes as [x1, y1, x2, y2] on a 0-1000 grid over the original image."""
@@ -37,24 +35,6 @@ class InternVLFamily(GPTFamily):
                make_vocab_size_divisible_by: int = 128, backend: str = "local") -> QwenLayout:
         return make_layout(hf_config, tp_size, num_query_groups, make_vocab_size_divisible_by,
                            fused_norm=backend == "te")
-
-    def build_model(self, hf_config: PretrainedConfig, env: ParallelEnv, *, params_dtype: torch.dtype = torch.float32,
-                    backend: str = "local", num_query_groups: int | None = None,
-                    make_vocab_size_divisible_by: int = 128, shared_prefix_attention: bool = False,
-                    **config_overrides: object) -> InternVLModel:
-        """This stage's model (``perform_initialization=False`` skips the random init when weights follow).
-
-        ``num_query_groups`` as for Qwen-VL: the KV heads by default, repeated up to the TP size when TP exceeds them.
-        """
-        layout = self.layout(hf_config, env.tp, num_query_groups, make_vocab_size_divisible_by, backend)
-        config = transformer_config(hf_config, layout, env, params_dtype, backend, **config_overrides)
-        spec = layer_spec(backend)
-        if shared_prefix_attention:
-            spec = with_shared_prefix_attention(spec)
-        model = InternVLModel(hf_config, config, layout, spec, env)
-        if not config.perform_initialization:
-            mark_tensor_parallel_weights(model)
-        return model
 
     def vision_weight_names(self, hf_config: PretrainedConfig) -> list[str]:
         """State-dict names inside ``visual`` (vision tower + projector), built on the meta device."""

@@ -5,16 +5,12 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from megatron_vlmr1.parallel import ParallelEnv
 from megatron_vlmr1.vlm.base import register_family
 from megatron_vlmr1.vlm.gpt_family import GPTFamily
-from megatron_vlmr1.vlm.gpt_vlm import layer_spec
 from megatron_vlmr1.vlm.inputs import EncodedPrompt, PromptBatch, TrainingBatch
-from megatron_vlmr1.vlm.prefix_attention import with_shared_prefix_attention
 from megatron_vlmr1.vlm.qwen_vl import processor as inputs
 from megatron_vlmr1.vlm.qwen_vl import weights
 from megatron_vlmr1.vlm.qwen_vl.model import QwenVLModel, transformer_config, vision_class
-from megatron_vlmr1.vlm.stages import mark_tensor_parallel_weights
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, ProcessorMixin
@@ -27,6 +23,8 @@ class QwenVLFamily(GPTFamily):
     min_image_side = 28  # one merged 2x2 group of 14-pixel patches
     weights = weights
     inputs = inputs
+    model_class = QwenVLModel
+    make_transformer_config = staticmethod(transformer_config)
 
     def default_box_space(self, model_type: str) -> str:
         """Qwen2.5-VL grounds in pixels of the resized image it was fed; Qwen2-VL in 0-1000 coordinates."""
@@ -36,25 +34,6 @@ class QwenVLFamily(GPTFamily):
                make_vocab_size_divisible_by: int = 128, backend: str = "local") -> weights.QwenLayout:
         return weights.make_layout(hf_config, tp_size, num_query_groups, make_vocab_size_divisible_by,
                                    fused_norm=backend == "te")
-
-    def build_model(self, hf_config: PretrainedConfig, env: ParallelEnv, *, params_dtype: torch.dtype = torch.float32,
-                    backend: str = "local", num_query_groups: int | None = None,
-                    make_vocab_size_divisible_by: int = 128, shared_prefix_attention: bool = False,
-                    **config_overrides: object) -> QwenVLModel:
-        """This stage's model (``perform_initialization=False`` skips the random init when weights follow).
-
-        ``num_query_groups`` defaults to the KV heads, repeated up to the TP size when TP exceeds them; pass it
-        explicitly to build a model that matches a checkpoint written at a larger TP.
-        """
-        layout = self.layout(hf_config, env.tp, num_query_groups, make_vocab_size_divisible_by, backend)
-        config = transformer_config(hf_config, layout, env, params_dtype, backend, **config_overrides)
-        spec = layer_spec(backend)
-        if shared_prefix_attention:
-            spec = with_shared_prefix_attention(spec)
-        model = QwenVLModel(hf_config, config, layout, spec, env)
-        if not config.perform_initialization:
-            mark_tensor_parallel_weights(model)
-        return model
 
     def vision_weight_names(self, hf_config: PretrainedConfig) -> list[str]:
         """State-dict names of the vision tower (built on the meta device: no memory, no init)."""
