@@ -67,3 +67,30 @@ def run(trainer_cls, cfg) -> list[dict]:
     finally:
         trainer.close()
     return read_metrics(Path(cfg.train.output_dir) / "metrics.jsonl")
+
+
+def check_lora_export(out: Path, base_model: Path, layers_prefix: str, low_token_id: int) -> None:
+    """A LoRA run's ``out/hf`` export changes exactly the adapted language-model weights, and its ``out/adapter``
+    on the base model (peft) gives the merged model's logits, which differ from the base model's."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    exported = load_file(str(out / "hf" / "model.safetensors"))
+    original = load_file(str(Path(base_model) / "model.safetensors"))
+    adapted = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    for name, tensor in original.items():
+        is_adapted = name.startswith(layers_prefix) and name.split(".")[-2] in adapted and name.endswith("weight")
+        assert torch.equal(exported[name], tensor) != is_adapted, name
+    merged = AutoModelForImageTextToText.from_pretrained(out / "hf", dtype=torch.float32).eval()
+    base = AutoModelForImageTextToText.from_pretrained(base_model, dtype=torch.float32).eval()
+    peft_model = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+    ids = torch.randint(low_token_id, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = merged(input_ids=ids).logits
+        got = peft_model(input_ids=ids).logits
+        with peft_model.disable_adapter():
+            plain = peft_model(input_ids=ids).logits
+    assert (got - expected).abs().max().item() <= 1e-4
+    assert (plain - expected).abs().max().item() > 1e-3  # the adapters matter
