@@ -21,6 +21,16 @@ def _messages(text: str, num_images: int = 1) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": text}]}]
 
 
+def check_forward_and_generate(model, inputs) -> None:
+    """The loaded model gives finite logits of the full vocabulary for one prompt and generates past it."""
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert logits.shape == (1, inputs["input_ids"].shape[1], model.config.text_config.vocab_size)
+    assert torch.isfinite(logits).all()
+    assert generated.shape[1] > inputs["input_ids"].shape[1]
+
+
 @pytest.mark.parametrize("fixture", ["tiny_qwen2_5_vl", "tiny_qwen2_vl"])
 def test_loads_forwards_and_generates_with_an_image(fixture, request):
     path = request.getfixturevalue(fixture)
@@ -33,12 +43,7 @@ def test_loads_forwards_and_generates_with_an_image(fixture, request):
     # 112x112 -> 8x8 patches of 14 -> 4x4 = 16 merged image tokens.
     assert inputs["image_grid_thw"].tolist() == [[1, 8, 8]]
     assert (inputs["input_ids"] == model.config.image_token_id).sum().item() == 16
-    with torch.no_grad():
-        logits = model(**inputs).logits
-        generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-    assert logits.shape == (1, inputs["input_ids"].shape[1], model.config.text_config.vocab_size)
-    assert torch.isfinite(logits).all()
-    assert generated.shape[1] > inputs["input_ids"].shape[1]
+    check_forward_and_generate(model, inputs)
 
 
 def test_image_token_budget_spans_a_few_dozen_tokens(tiny_qwen2_5_vl):
@@ -148,12 +153,7 @@ def test_internvl_loads_tiles_a_wide_image_and_generates(tiny_internvl):
     start = ids.index(tokenizer.convert_tokens_to_ids("<img>"))
     assert ids[start + 1:start + 49] == [model.config.image_token_id] * 48
     assert ids[start + 49] == tokenizer.convert_tokens_to_ids("</img>")
-    with torch.no_grad():
-        logits = model(**inputs).logits
-        generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-    assert logits.shape == (1, inputs["input_ids"].shape[1], model.config.text_config.vocab_size)
-    assert torch.isfinite(logits).all()
-    assert generated.shape[1] > inputs["input_ids"].shape[1]
+    check_forward_and_generate(model, inputs)
 
 
 def test_internvl_tokens_template_and_sizes(tiny_internvl):

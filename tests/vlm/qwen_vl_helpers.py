@@ -24,21 +24,28 @@ def _images():
     return [Image.fromarray(a.numpy()) for a in arrays]
 
 
-def hf_reference(hf_dir: str | Path, padding_side: str) -> dict:
-    """A batch of two rows (two images + long text; one image + short text) and HF's logits for it."""
+def encode_two_rows(hf_dir: str | Path, padding_side: str, images: list) -> tuple:
+    """transformers' model and its processor's batch of two rows: ``images[0]`` (list) + a long question, and
+    ``images[1]`` (list) + a short one, padded on ``padding_side``. Shared by the Qwen-VL and InternVL model tests."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(hf_dir)
     model = AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    first, second = _images()
     messages = [
-        [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
-                                      {"type": "text", "text": "Where is the red circle next to the blue square?"}]}],
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Count."}]}],
+        [{"role": "user", "content": [{"type": "image"}] * len(images[0])
+          + [{"type": "text", "text": "Where is the red circle next to the blue square?"}]}],
+        [{"role": "user", "content": [{"type": "image"}] * len(images[1]) + [{"type": "text", "text": "Count."}]}],
     ]
     texts = [processor.apply_chat_template(m, add_generation_prompt=True) for m in messages]
     processor.tokenizer.padding_side = padding_side
-    enc = processor(text=texts, images=[[first, second], [second]], return_tensors="pt", padding=True)
+    enc = processor(text=texts, images=images, return_tensors="pt", padding=True, padding_side=padding_side)
+    return model, enc
+
+
+def hf_reference(hf_dir: str | Path, padding_side: str) -> dict:
+    """A batch of two rows (two images + long text; one image + short text) and HF's logits for it."""
+    first, second = _images()
+    model, enc = encode_two_rows(hf_dir, padding_side, [[first, second], [second]])
     position_ids, _ = model.model.get_rope_index(enc["input_ids"], mm_token_type_ids=enc["mm_token_type_ids"],
                                                  image_grid_thw=enc["image_grid_thw"],
                                                  attention_mask=enc["attention_mask"])

@@ -36,20 +36,8 @@ def hf_reference(hf_dir: str | Path, padding_side: str) -> dict:
     Inputs come from transformers' own processor; positions are HF generation's (count of real tokens), passed to
     both models explicitly.
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(hf_dir)
-    model = AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=torch.float32).eval()
     wide, tall, square = _images()
-    messages = [
-        [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
-                                      {"type": "text", "text": "Where is the red circle next to the blue square?"}]}],
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Count."}]}],
-    ]
-    texts = [processor.apply_chat_template(m, add_generation_prompt=True) for m in messages]
-    processor.tokenizer.padding_side = padding_side
-    enc = processor(text=texts, images=[[wide, tall], [square]], return_tensors="pt", padding=True,
-                    padding_side=padding_side)
+    model, enc = helpers.encode_two_rows(hf_dir, padding_side, [[wide, tall], [square]])
     assert enc["pixel_values"].shape[0] == 3 + 4 + 1
     mask = enc["attention_mask"]
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0) * mask
