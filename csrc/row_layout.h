@@ -13,11 +13,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define VLMR1_HD __host__ __device__ __forceinline__
-#else
-#define VLMR1_HD inline
-#endif
+#include "host_device.h"
 
 namespace vlmr1 {
 
