@@ -13,6 +13,11 @@ Instead of a dense [b, 1, L, L] mask this module gets the row layout and makes t
   and as a materialised mask on CPU. A padded query of a short segment only sees padding/own keys; its output is
   dropped.
 
+Queries and keys/values of the segment call are gathered with one ``index_select`` each (and the output put back
+with one), whose indices depend only on the row layout: ``row_plan`` builds them once and caches them, so every
+layer (and every micro-batch of the same layout) reuses them; backward is one ``index_add`` per tensor instead of a
+zero-filled gradient per segment slice.
+
 The layout reaches the module as the ``attention_mask`` argument megatron passes through unchanged (also under
 pipeline schedules and activation recompute, which save it as a tensor): an integer CPU tensor [b, 1 + S] per
 micro-batch, ``layout[r] = [prefix length, len(segment_1), ..., len(segment_S)]`` (0 = no such segment), read on
@@ -22,6 +27,7 @@ megatron's convention) or ``None`` (causal) are handled as well, so the module i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -48,6 +54,49 @@ def _repeat_kv(key: torch.Tensor, heads: int) -> torch.Tensor:
     return key if groups == heads else key.repeat_interleave(heads // groups, dim=2)
 
 
+@dataclasses.dataclass(frozen=True)
+class RowPlan:
+    """How one packed row's tokens are gathered for the two attention calls (``row_plan``).
+
+    ``segment_index`` [G * n_max]: the row positions of segment g's tokens at ``g * n_max + i``, a short segment's
+    tail filled with its last position (a real token, so everything stays finite; those queries' outputs are
+    dropped and, under the lower-right causal mask, no real query sees those keys). ``key_index``
+    [G * (prefix + n_max)]: per segment, the prefix positions then its ``segment_index`` slots. ``output_index``
+    [sum of lengths]: the slots of the [G * n_max] segment output that are real tokens, in row order. ``mask``: the
+    lower-right causal mask of the segment call (query i sees keys ``<= prefix + i``): the ``causal_lower_right``
+    bias on CUDA (fused kernels, nothing materialised), a bool [n_max, prefix + n_max] tensor on CPU.
+    """
+
+    prefix: int
+    lengths: tuple[int, ...]
+    longest: int
+    segment_index: torch.Tensor
+    key_index: torch.Tensor
+    output_index: torch.Tensor
+    mask: Any
+
+    @property
+    def used(self) -> int:
+        return self.prefix + sum(self.lengths)
+
+
+@functools.lru_cache(maxsize=256)
+def row_plan(prefix: int, lengths: tuple[int, ...], device: torch.device) -> RowPlan:
+    """The gather indices of one row layout, built once and shared by every layer (and every micro-batch with the
+    same layout): the per-layer work is then three ``index_select``s and two attention calls."""
+    longest = max(lengths)
+    slot = torch.arange(longest)
+    starts = torch.tensor([prefix + sum(lengths[:g]) for g in range(len(lengths))])
+    last = torch.tensor(lengths) - 1
+    segment_index = starts[:, None] + torch.minimum(slot[None, :], last[:, None])  # [G, n_max]
+    key_index = torch.cat([torch.arange(prefix).expand(len(lengths), prefix), segment_index], dim=1)
+    output_index = torch.cat([g * longest + torch.arange(n) for g, n in enumerate(lengths)])
+    mask = (torch.ones(longest, prefix + longest, dtype=torch.bool).tril(prefix) if device.type == "cpu"
+            else causal_lower_right(longest, prefix + longest))
+    return RowPlan(prefix, lengths, longest, segment_index.flatten().to(device), key_index.flatten().to(device),
+                   output_index.to(device), mask)
+
+
 def shared_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: torch.Tensor,
                             scale: float) -> torch.Tensor:
     """Attention of packed rows: query [s, b, h, d], key/value [s, b, h_kv, d], layout [b, 1 + S] -> [s, b, h, d].
@@ -61,33 +110,26 @@ def shared_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     key, value = _repeat_kv(key, heads), _repeat_kv(value, heads)
     rows = []
     for row, (prefix, *lengths) in enumerate(layout.tolist()):
-        lengths = [n for n in lengths if n > 0]
-        used = prefix + sum(lengths)
-        if prefix < 0 or not lengths or used > seq:
-            raise ValueError(f"shared-prefix layout row {row}: prefix {prefix} + segments {lengths} do not fit a "
-                             f"row of {seq} tokens (need a prefix >= 0, at least one segment)")
-        q, k, v = (t[:, row].transpose(0, 1) for t in (query, key, value))  # [h, s, d]
+        lengths = tuple(n for n in lengths if n > 0)
+        if prefix < 0 or not lengths or prefix + sum(lengths) > seq:
+            raise ValueError(f"shared-prefix layout row {row}: prefix {prefix} + segments {list(lengths)} do not "
+                             f"fit a row of {seq} tokens (need a prefix >= 0, at least one segment)")
+        plan = row_plan(prefix, lengths, query.device)
+        q, k, v = query[:, row], key[:, row], value[:, row]  # [s, h, d]
         pieces = []
         if prefix:
-            pieces.append(F.scaled_dot_product_attention(q[None, :, :prefix], k[None, :, :prefix],
-                                                         v[None, :, :prefix], is_causal=True, scale=scale)[0])
-        longest = max(lengths)
-        starts = [prefix + sum(lengths[:i]) for i in range(len(lengths))]
-
-        def segments(t: torch.Tensor) -> torch.Tensor:  # [h, s, d] -> [G, h, longest, d], right-padded
-            return torch.stack([F.pad(t[:, a:a + n], (0, 0, 0, longest - n)) for a, n in zip(starts, lengths)])
-
-        seg_k, seg_v = segments(k), segments(v)
-        if prefix:
-            shared = lambda t: t[None, :, :prefix].expand(len(lengths), -1, -1, -1)  # noqa: E731
-            seg_k, seg_v = torch.cat([shared(k), seg_k], dim=2), torch.cat([shared(v), seg_v], dim=2)
-        out = F.scaled_dot_product_attention(segments(q), seg_k, seg_v,
-                                             attn_mask=causal_lower_right(longest, prefix + longest), scale=scale)
-        pieces += [out[g, :, :n] for g, n in enumerate(lengths)]
-        if used < seq:
-            pieces.append(q.new_zeros(heads, seq - used, dim))
-        rows.append(torch.cat(pieces, dim=1).transpose(0, 1))  # [s, h, d]
-    return torch.stack(rows, dim=1)
+            head = lambda t: t[:prefix].transpose(0, 1)[None]  # noqa: E731  [1, h, prefix, d]
+            pieces.append(F.scaled_dot_product_attention(head(q), head(k), head(v), is_causal=True,
+                                                         scale=scale)[0].transpose(0, 1))
+        groups = len(lengths)
+        seg_q = q.index_select(0, plan.segment_index).view(groups, plan.longest, heads, dim).transpose(1, 2)
+        keys = lambda t: t.index_select(0, plan.key_index).view(groups, -1, heads, dim).transpose(1, 2)  # noqa: E731
+        out = F.scaled_dot_product_attention(seg_q, keys(k), keys(v), attn_mask=plan.mask, scale=scale)
+        pieces.append(out.transpose(1, 2).reshape(groups * plan.longest, heads, dim).index_select(0, plan.output_index))
+        if plan.used < seq:
+            pieces.append(q.new_zeros(seq - plan.used, heads, dim))
+        rows.append(torch.cat(pieces))  # [s, h, d]
+    return rows[0][:, None] if batch == 1 else torch.stack(rows, dim=1)
 
 
 def masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,

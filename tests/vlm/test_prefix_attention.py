@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from megatron_vlmr1.trainer.packing import PAD_SEGMENT, PROMPT_SEGMENT, prefix_layout
-from megatron_vlmr1.vlm.prefix_attention import (SharedPrefixAttention, masked_attention, shared_prefix_attention,
-                                                 with_shared_prefix_attention)
+from megatron_vlmr1.vlm.prefix_attention import (SharedPrefixAttention, masked_attention, row_plan,
+                                                 shared_prefix_attention, with_shared_prefix_attention)
 
 # row 0: prefix of 3, segments of 2, 4, 1, then 2 padding; row 1: no prefix (a one-token prompt), segments 5, 3,
 # then 4 padding. Uneven segment lengths, padding, a row without prefix.
@@ -58,6 +58,19 @@ def test_matches_masked_softmax_with_gradients(heads, kv_heads):
     expected_grads = torch.autograd.grad((expected * weights).sum(), (query, key, value))
     for grad, expected_grad in zip(grads, expected_grads):
         torch.testing.assert_close(grad, expected_grad, atol=1e-12, rtol=0)
+
+
+def test_row_plan_indices_by_hand():
+    """Row 0 of ``SEGMENTS``: prefix 3, segments of 2, 4, 1 at positions 3-4, 5-8, 9 (n_max 4; a short segment's
+    tail repeats its last position)."""
+    plan = row_plan(3, (2, 4, 1), torch.device("cpu"))
+    assert plan.segment_index.tolist() == [3, 4, 4, 4, 5, 6, 7, 8, 9, 9, 9, 9]
+    assert plan.key_index.tolist() == [0, 1, 2, 3, 4, 4, 4, 0, 1, 2, 5, 6, 7, 8, 0, 1, 2, 9, 9, 9, 9]
+    assert plan.output_index.tolist() == [0, 1, 4, 5, 6, 7, 8]
+    assert plan.mask.tolist()[0] == [True] * 4 + [False] * 3  # query 0 sees the prefix and its own first token
+    assert plan.mask.tolist()[3] == [True] * 7
+    assert plan.used == 10
+    assert row_plan(3, (2, 4, 1), torch.device("cpu")) is plan  # built once, shared by every layer
 
 
 def test_gradcheck():
