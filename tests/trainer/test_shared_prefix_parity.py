@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.device import TEST_DEVICE
 from tests.distributed import run_distributed
 
 
@@ -35,12 +36,12 @@ def _groups(processor, family):
     return prompts, completions
 
 
-def _run(model_dir: str, tp: int, pp: int, train_mode: str, recompute: str = "none") -> dict:
+def _run(model_dir: str, tp: int, pp: int, train_mode: str, recompute: str = "none", device: str = "cpu") -> dict:
     """Per-row and packed log-probs [rows, T] (last stage) and gradients (every rank) of this rank's model."""
     from megatron_vlmr1.trainer.config import ParallelConfig
     from megatron_vlmr1.parallel import init_parallel, teardown_parallel
 
-    env = init_parallel(ParallelConfig(tp=tp, pp=pp, device="cpu"), seed=0)
+    env = init_parallel(ParallelConfig(tp=tp, pp=pp, device=device), seed=0)
     try:
         return _compute(model_dir, env, train_mode, recompute)
     finally:
@@ -126,7 +127,7 @@ def _distributed(rank, world_size, model_dir, tp, pp, train_mode, recompute):
 
 @pytest.mark.parametrize("train_mode,recompute", [("full", "none"), ("lora", "selective")])
 def test_shared_prefix_matches_per_row_tp1(tiny_qwen2_5_vl, train_mode, recompute):
-    result = _run(str(tiny_qwen2_5_vl), 1, 1, train_mode, recompute)
+    result = _run(str(tiny_qwen2_5_vl), 1, 1, train_mode, recompute, device=TEST_DEVICE)
     _compare(result)
     if train_mode == "full":  # the vision tower is trained too: its gradient goes through the shared prompt
         assert any(name.startswith("visual.") for name in result["rows"]["grads"])
