@@ -110,8 +110,12 @@ def _compare(result: dict) -> None:
         assert a.shape == b.shape and a.numel() > 0
         torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
     assert rows["grads"].keys() == packed["grads"].keys() and rows["grads"]
+    # A key projection's bias has a gradient that is mathematically zero (softmax ignores a shift shared by all keys;
+    # InternVL's vision attention has a separate k_proj bias): its float32 noise (~1e-11) is measured against the
+    # largest gradient, not against itself.
+    floor = 1e-6 * max(grad.norm() for grad in rows["grads"].values())
     for name, grad in rows["grads"].items():
-        error = (packed["grads"][name] - grad).norm() / grad.norm().clamp(min=1e-12)
+        error = (packed["grads"][name] - grad).norm() / torch.maximum(grad.norm(), floor)
         assert error < 1e-5, (name, float(error))
 
 
@@ -138,3 +142,10 @@ def test_shared_prefix_matches_per_row_tp1(tiny_qwen2_5_vl, train_mode, recomput
 def test_shared_prefix_matches_per_row_tp2_pp2_lora(tiny_qwen2_5_vl_kv2, tp, pp, recompute):
     results = run_distributed(_distributed, 2, str(tiny_qwen2_5_vl_kv2), tp, pp, "lora", recompute)
     assert results == ["ok", "ok"]
+
+
+def test_shared_prefix_matches_per_row_internvl(tiny_internvl):
+    """InternVL (1-D positions, pixel-shuffled image tokens, its own prompt template) packs the same way."""
+    result = _run(str(tiny_internvl), 1, 1, "full", device=TEST_DEVICE)
+    _compare(result)
+    assert any("vision" in name for name in result["rows"]["grads"])
