@@ -6,6 +6,7 @@ write). A failure in any rank fails the calling test with that rank's traceback.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
@@ -40,8 +41,22 @@ def _worker(rank, world_size, port, out_dir, fn, args):
             dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def _cpu_test_device():
+    """Spawned ranks inherit the environment: gloo ranks run on the CPU whatever ``VLMR1_TEST_DEVICE`` says."""
+    saved = os.environ.get("VLMR1_TEST_DEVICE")
+    os.environ["VLMR1_TEST_DEVICE"] = "cpu"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["VLMR1_TEST_DEVICE"]
+        else:
+            os.environ["VLMR1_TEST_DEVICE"] = saved
+
+
 def run_distributed(fn, world_size: int, *args, timeout: float = 600.0) -> list:
-    with tempfile.TemporaryDirectory() as out_dir:
+    with tempfile.TemporaryDirectory() as out_dir, _cpu_test_device():
         ctx = mp.start_processes(_worker, args=(world_size, free_port(), out_dir, fn, args), nprocs=world_size,
                                  join=False, start_method="spawn")
         deadline = time.monotonic() + timeout

@@ -261,8 +261,11 @@ def main(argv: list[str] | None = None) -> int:
         collected: dict[int, list[dict]] = {i: [] for i in range(len(settings))}
         for _ in range(args.repeats):  # interleaved: every setting once per round
             for index, setting in enumerate(settings):
-                collected[index] += run_setting(args, model_dir, data_file, setting["engine"],
-                                                setting["shared_prefix"])
+                steps = run_setting(args, model_dir, data_file, setting["engine"], setting["shared_prefix"])
+                collected[index] += steps
+                partial = summarize(setting, steps, args, args.tp * args.pp)  # a long run shows progress
+                print(f"[bench_grpo] {setting}: {partial['s_per_step']:.3f} s/step, train_fwd "
+                      f"{partial['train_fwd']:.3f} s, rollout {partial['rollout']:.3f} s", flush=True)
     rows = [summarize(setting, collected[i], args, args.tp * args.pp) for i, setting in enumerate(settings)]
     print(f"bench_grpo shape={args.shape} G={args.group_size} prompts={args.prompts} "
           f"max_new_tokens={args.max_new_tokens} steps={args.steps}x{args.repeats} (median; seconds)")

@@ -53,9 +53,10 @@ class AlgoConfig:
     """drop groups whose rewards are all equal (they carry no gradient) and sample more prompts (DAPO)."""
     dynamic_sampling_max_rounds: int = 4
     """with dynamic_sampling, the most generation rounds spent filling one batch before training on what there is."""
-    shared_prefix: bool = False
+    shared_prefix: bool = True
     """training forward (update, old and reference log-probs) packs each group into one row: the prompt and its
-    images are computed once per group, not once per completion (same log-probs and gradients)."""
+    images are computed once per group, not once per completion (same log-probs and gradients to float32 rounding;
+    false gives the per-row forward, e.g. to reproduce a run recorded with it bit for bit)."""
 
     def __post_init__(self) -> None:
         self._check_ranges()

@@ -9,6 +9,7 @@ positions are not megatron's [3, b, s]) ``rope_position_ids``.
 from __future__ import annotations
 
 import abc
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -48,17 +49,25 @@ def rope_theta(hf_config: Any) -> float:
     return float(rope.get("rope_theta", getattr(text, "rope_theta", 10000.0)))
 
 
+def megatron_softmax_kernel_installed() -> bool:
+    """megatron's fused masked-softmax kernel is a separately built module (``scaled_masked_softmax_cuda``, from
+    megatron's or apex's build); megatron imports it unconditionally once a shape qualifies, so the fusion may only
+    be switched on where it is importable (seen missing on a GPU machine: the first bf16 attention call crashed)."""
+    return importlib.util.find_spec("scaled_masked_softmax_cuda") is not None
+
+
 def device_defaults(device: torch.device, backend: str) -> dict[str, bool]:
     """TransformerConfig switches that depend on where the model runs.
 
     On CUDA: weights are created on the GPU (no host copy), and megatron's fusions are on: bias + SwiGLU, masked
-    softmax (used when its kernel is available), RoPE (Transformer Engine's kernel; megatron falls back to the
-    unfused path for mRoPE with batch > 1) and gradient-accumulation fusion (Transformer Engine's linears). On CPU
-    they are all off: the fused kernels are CUDA-only.
+    softmax (only where its kernel module is installed: ``megatron_softmax_kernel_installed``), RoPE (Transformer
+    Engine's kernel; megatron falls back to the unfused path for mRoPE with batch > 1) and gradient-accumulation
+    fusion (Transformer Engine's linears). On CPU they are all off: the fused kernels are CUDA-only.
     """
     cuda = device.type == "cuda"
     te = cuda and backend in ("te", "te_split")
-    return dict(use_cpu_initialization=not cuda, bias_activation_fusion=cuda, masked_softmax_fusion=cuda,
+    return dict(use_cpu_initialization=not cuda, bias_activation_fusion=cuda,
+                masked_softmax_fusion=cuda and megatron_softmax_kernel_installed(),
                 apply_rope_fusion=te, gradient_accumulation_fusion=te, persist_layer_norm=False)
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from megatron_vlmr1.config import from_dict
+from tests.device import TEST_DEVICE
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +37,7 @@ def grpo_config(model_dir: Path, data_file: Path, out: Path, **overrides):
 
     base = {
         "model": {"path": str(model_dir)},
+        "parallel": {"device": TEST_DEVICE},
         "data": {"files": [str(data_file)], "task": "rec"},
         "rollout": {"sampling": {"max_new_tokens": 12}},
         "algo": {"group_size": 2, "beta": 0.04},

@@ -53,13 +53,13 @@ def test_group_size_one_is_rejected(tiny_qwen2_5_vl, rec_data, tmp_path):
 def _parallel_grpo(rank, world_size, model, data, out, tp):
     from pathlib import Path
 
-    records = run(_grpo(), grpo_config(Path(model), Path(data), Path(out), parallel={"tp": tp}))
+    records = run(_grpo(), grpo_config(Path(model), Path(data), Path(out), parallel={"tp": tp, "device": "cpu"}))
     return [(r["reward/mean"], r["pg_loss"], r["kl"], r["grad_norm"], r["rollout_prompts_generated"])
             for r in records]
 
 
 def test_tensor_parallel_grpo_reproduces_single_rank(tiny_qwen2_5_vl_kv2, rec_data, tmp_path):
-    single = run(_grpo(), grpo_config(tiny_qwen2_5_vl_kv2, rec_data, tmp_path / "single"))
+    single = run(_grpo(), grpo_config(tiny_qwen2_5_vl_kv2, rec_data, tmp_path / "single", parallel={"device": "cpu"}))
     results = run_distributed(_parallel_grpo, 2, str(tiny_qwen2_5_vl_kv2), str(rec_data), str(tmp_path / "tp2"), 2)
     # the two ranks split the step's prompts (each generated once, with its own seed) and share the results
     for (reward, pg_loss, kl, grad_norm, generated), ref in zip(results[0], single):

@@ -99,7 +99,7 @@ def test_grpo_lora_reference_is_the_base_model(tiny_qwen2_5_vl, rec_data, tmp_pa
         trainer.fit()
         last = scored[-1]
         base = ScoringModel(trainer.family, trainer.hf_config, cfg.model.path, trainer.env,
-                            ModelConfig(path=cfg.model.path)).logprobs(last)
+                            ModelConfig(path=cfg.model.path), shared_prefix=trainer.shared_prefix).logprobs(last)
         actor = trainer.actor.logprobs(last)
     finally:
         trainer.close()

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.device import TEST_DEVICE
 from tests.distributed import run_distributed
 
 
@@ -35,12 +36,12 @@ def _groups(processor, family):
     return prompts, completions
 
 
-def _run(model_dir: str, tp: int, pp: int, train_mode: str, recompute: str = "none") -> dict:
+def _run(model_dir: str, tp: int, pp: int, train_mode: str, recompute: str = "none", device: str = "cpu") -> dict:
     """Per-row and packed log-probs [rows, T] (last stage) and gradients (every rank) of this rank's model."""
     from megatron_vlmr1.trainer.config import ParallelConfig
     from megatron_vlmr1.parallel import init_parallel, teardown_parallel
 
-    env = init_parallel(ParallelConfig(tp=tp, pp=pp, device="cpu"), seed=0)
+    env = init_parallel(ParallelConfig(tp=tp, pp=pp, device=device), seed=0)
     try:
         return _compute(model_dir, env, train_mode, recompute)
     finally:
@@ -109,8 +110,12 @@ def _compare(result: dict) -> None:
         assert a.shape == b.shape and a.numel() > 0
         torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
     assert rows["grads"].keys() == packed["grads"].keys() and rows["grads"]
+    # A key projection's bias has a gradient that is mathematically zero (softmax ignores a shift shared by all keys;
+    # InternVL's vision attention has a separate k_proj bias): its float32 noise (~1e-11) is measured against the
+    # largest gradient, not against itself.
+    floor = 1e-6 * max(grad.norm() for grad in rows["grads"].values())
     for name, grad in rows["grads"].items():
-        error = (packed["grads"][name] - grad).norm() / grad.norm().clamp(min=1e-12)
+        error = (packed["grads"][name] - grad).norm() / torch.maximum(grad.norm(), floor)
         assert error < 1e-5, (name, float(error))
 
 
@@ -126,7 +131,7 @@ def _distributed(rank, world_size, model_dir, tp, pp, train_mode, recompute):
 
 @pytest.mark.parametrize("train_mode,recompute", [("full", "none"), ("lora", "selective")])
 def test_shared_prefix_matches_per_row_tp1(tiny_qwen2_5_vl, train_mode, recompute):
-    result = _run(str(tiny_qwen2_5_vl), 1, 1, train_mode, recompute)
+    result = _run(str(tiny_qwen2_5_vl), 1, 1, train_mode, recompute, device=TEST_DEVICE)
     _compare(result)
     if train_mode == "full":  # the vision tower is trained too: its gradient goes through the shared prompt
         assert any(name.startswith("visual.") for name in result["rows"]["grads"])
@@ -137,3 +142,10 @@ def test_shared_prefix_matches_per_row_tp1(tiny_qwen2_5_vl, train_mode, recomput
 def test_shared_prefix_matches_per_row_tp2_pp2_lora(tiny_qwen2_5_vl_kv2, tp, pp, recompute):
     results = run_distributed(_distributed, 2, str(tiny_qwen2_5_vl_kv2), tp, pp, "lora", recompute)
     assert results == ["ok", "ok"]
+
+
+def test_shared_prefix_matches_per_row_internvl(tiny_internvl):
+    """InternVL (1-D positions, pixel-shuffled image tokens, its own prompt template) packs the same way."""
+    result = _run(str(tiny_internvl), 1, 1, "full", device=TEST_DEVICE)
+    _compare(result)
+    assert any("vision" in name for name in result["rows"]["grads"])
