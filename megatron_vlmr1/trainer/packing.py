@@ -73,20 +73,17 @@ def prefix_layout(segments: torch.Tensor) -> torch.Tensor:
     ``PAD_SEGMENT``s: the layout ``vlm/prefix_attention.py`` computes with. This replaces a dense [b, 1, L, L] mask.
     """
     rows = []
-    for row, ids in enumerate(segments.cpu().tolist()):
-        runs: list[list[int]] = []
-        for segment in ids:
-            if runs and runs[-1][0] == segment:
-                runs[-1][1] += 1
-            else:
-                runs.append([segment, 1])
-        if runs and runs[-1][0] == PAD_SEGMENT:
-            runs.pop()
-        prefix = runs.pop(0)[1] if runs and runs[0][0] == PROMPT_SEGMENT else 0
-        if not runs or [segment for segment, _ in runs] != list(range(1, len(runs) + 1)):
+    for row, ids in enumerate(segments.cpu()):
+        values, counts = (t.tolist() for t in torch.unique_consecutive(ids, return_counts=True))  # the runs
+        if values and values[-1] == PAD_SEGMENT:
+            values, counts = values[:-1], counts[:-1]
+        prefix = 0
+        if values and values[0] == PROMPT_SEGMENT:
+            prefix, values, counts = counts[0], values[1:], counts[1:]
+        if not values or values != list(range(1, len(values) + 1)):
             raise ValueError(f"packed row {row}: segments must be the prompt, then 1, 2, ... each in one run, then "
-                             f"padding; got runs {[segment for segment, _ in runs]}")
-        rows.append([prefix] + [length for _, length in runs])
+                             f"padding; got runs {values}")
+        rows.append([prefix] + counts)
     width = max(len(r) for r in rows)
     return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long)
 

@@ -20,6 +20,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_vlmr1.parallel import ParallelEnv
 from megatron_vlmr1.vlm.base import ModelLayout, hf_config_text
+from megatron_vlmr1.vlm.prefix_attention import SharedPrefixAttention
 
 if TYPE_CHECKING:
     from megatron.core.transformer.spec_utils import ModuleSpec
@@ -227,8 +228,6 @@ class VisionLanguageGPT(MegatronModule, abc.ABC):
 
     def uses_shared_prefix_attention(self) -> bool:
         """Whether the decoder's core attention reads shared-prefix layouts (``vlm.prefix_attention``)."""
-        from megatron_vlmr1.vlm.prefix_attention import SharedPrefixAttention
-
         return isinstance(self._core_attention(), SharedPrefixAttention)
 
     def mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:

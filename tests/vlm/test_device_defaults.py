@@ -16,8 +16,12 @@ def test_cpu_turns_every_fusion_off():
 def test_masked_softmax_fusion_only_where_megatrons_kernel_module_is_installed(monkeypatch):
     real_find_spec = importlib.util.find_spec
     for installed in (False, True):
-        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, installed=installed: (
-            object() if installed else None) if name == "scaled_masked_softmax_cuda" else real_find_spec(name, *a))
+        def find_spec(name, *args, installed=installed):
+            if name == "scaled_masked_softmax_cuda":
+                return object() if installed else None
+            return real_find_spec(name, *args)
+
+        monkeypatch.setattr(importlib.util, "find_spec", find_spec)
         flags = gpt_vlm.device_defaults(torch.device("cuda"), "local")
         assert flags["masked_softmax_fusion"] is installed
         assert flags["bias_activation_fusion"] and not flags["use_cpu_initialization"]
