@@ -162,3 +162,41 @@ def test_parallel_config_validation():
         ParallelConfig(tp=0)
     with pytest.raises(ValueError, match="world size 6 is not a multiple"):
         ParallelConfig(tp=2, pp=2).validate_world_size(6)
+
+
+def _single_rank_collective_worker(rank: int, world_size: int) -> dict:
+    from megatron.core.distributed import param_and_grad_buffer
+
+    from megatron_vlmr1.mcore_cpu import _single_rank_collective, cpu_mode
+
+    alone = [dist.new_group([r]) for r in range(world_size)][rank]
+    calls = []
+
+    def recording(output, input, **kwargs):
+        calls.append(kwargs.get("group"))
+        return "collective"
+
+    local = _single_rank_collective(recording)
+    source, target = torch.arange(6.0), torch.zeros(6)
+    returned = local(target, source, group=alone, async_op=False)
+    copied = target.clone()
+    shared = torch.arange(4.0)
+    local(shared, shared[:4], group=alone)  # the same memory (megatron's in-place buffers): left as it is
+    delegated = [local(target, source, group=alone, async_op=True), local(target, source, group=None)]
+    with cpu_mode():  # the module's own functions: local on one rank, gloo across two
+        gathered = torch.zeros(2 * world_size)
+        param_and_grad_buffer.dist_all_gather_func(gathered, torch.full((2,), float(rank)), group=None)
+        own = torch.zeros(3)
+        param_and_grad_buffer.dist_all_gather_func(own, torch.tensor([1.0, 2.0, 3.0]), group=alone)
+    return {"returned": returned, "copied": copied, "shared": shared, "calls": len(calls),
+            "delegated": delegated, "gathered": gathered, "own": own}
+
+
+def test_single_rank_collectives_are_local_copies():
+    for result in run_distributed(_single_rank_collective_worker, 2):
+        assert result["returned"] is None
+        torch.testing.assert_close(result["copied"], torch.arange(6.0), rtol=0, atol=0)
+        torch.testing.assert_close(result["shared"], torch.arange(4.0), rtol=0, atol=0)
+        assert result["calls"] == 2 and result["delegated"] == ["collective", "collective"]  # async, two ranks
+        torch.testing.assert_close(result["gathered"], torch.tensor([0.0, 0.0, 1.0, 1.0]), rtol=0, atol=0)
+        torch.testing.assert_close(result["own"], torch.tensor([1.0, 2.0, 3.0]), rtol=0, atol=0)
