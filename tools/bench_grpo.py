@@ -3,15 +3,16 @@
     python tools/bench_grpo.py [--shape tiny|29m|3b|7b|32b] [--engine hf vllm] [--shared-prefix false true]
         [--tp 1] [--pp 1] [--group-size 4] [--prompts 4] [--max-new-tokens 64] [--steps 2] [--warmup 1]
         [--repeats 1] [--mu 1] [--beta 0.04] [--micro-batch-size 4] [--dtype float32] [--device auto]
-        [--threads 2] [--peak-tflops 989] [--json OUT]
+        [--threads 2] [--peak-tflops 989] [--difficulty easy|normal|locate] [--json OUT]
 
 The model is built with transformers' Qwen2.5-VL classes and the tiny BPE tokenizer (``tools/make_tiny_model.py``,
-so the vocabulary is the tokenizer's ~1.5k at every shape); the data are synthetic REC prompts (one image each).
+so the vocabulary is the tokenizer's ~1.5k at every shape); the data are synthetic REC prompts (one image each,
+``--difficulty`` of ``data/synthetic.py``: ``easy`` 112 px images, 16 image tokens; ``normal`` 112-224 px, 16-64).
 Every setting (engine x shared prefix) runs in its own subprocess (``torchrun`` when TP*PP > 1), ``--warmup``
 steps then ``--steps`` timed steps through ``GRPOTrainer.step``; with ``--repeats R`` the settings run
 interleaved (A B A B ...) and each row reports the median step, so a noisy shared machine hits all settings alike.
 
-Columns: s/step; each phase (sync, rollout, reward, micro-batch building, old/reference log-probs, update);
+Columns: mean prompt and completion tokens (the workload: prefix sharing saves more the longer the prompt); s/step; each phase (sync, rollout, reward, micro-batch building, old/reference log-probs, update);
 ``train_fwd`` = old + reference log-probs + update (what shared-prefix packing changes); generated tokens/s
 (completion tokens / rollout time); trained tokens/s (per-row-equivalent tokens, rows x (prompt + completion),
 over the training-forward time, so the same work counts the same in both layouts); model TFLOPs per step and MFU
@@ -81,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--peak-tflops", type=float, default=None, help="per device; MFU is left out without it")
+    parser.add_argument("--difficulty", choices=("easy", "normal", "locate"), default="easy",
+                        help="synthetic REC images: easy 112 px (16 image tokens), normal 112-224 px (16-64)")
     parser.add_argument("--workdir", default=None, help="where the model and data go (default: a temp dir)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -180,7 +183,8 @@ def worker(args: argparse.Namespace, model_dir: str, data_file: str, engine: str
                 flops = step_flops(seen, trainer.hf_config, shared, args.mu, args.beta)
                 rows_tokens = sum(g["prompt"] * len(g["completions"]) + sum(g["completions"]) for g in seen)
                 steps.append({"metrics": metrics, "flops": flops, "row_tokens": rows_tokens,
-                              "generated": sum(sum(g["completions"]) for g in seen)})
+                              "generated": sum(sum(g["completions"]) for g in seen),
+                              "prompt_tokens": statistics.mean(g["prompt"] for g in seen)})
         return steps if trainer.env.is_logging_rank else None
     finally:
         trainer.close()
@@ -190,6 +194,8 @@ def summarize(setting: dict, steps: list[dict], args: argparse.Namespace, device
     """Median over the timed steps of every column."""
     median = lambda values: statistics.median(values)  # noqa: E731
     row = dict(setting)
+    row["prompt_len"] = median([s["prompt_tokens"] for s in steps])
+    row["completion_len"] = median([s["generated"] / (args.prompts * args.group_size) for s in steps])
     row["s_per_step"] = median([s["metrics"]["time/step"] for s in steps])
     for phase in PHASES:
         row[phase] = median([s["metrics"].get(f"time/{phase}", 0.0) for s in steps])
@@ -227,15 +233,15 @@ def prepare(args: argparse.Namespace, workdir: Path) -> tuple[str, str]:
     model_dir = workdir / f"qwen2_5_vl_{args.shape}"
     if not (model_dir / "config.json").exists():
         make_tiny_model("qwen2_5_vl", model_dir, seed=0, **SHAPES[args.shape])
-    data = workdir / "data"
+    data = workdir / f"data_{args.difficulty}"
     if not (data / "train.jsonl").exists():
         make_rec_dataset(data, max(64, args.prompts * (args.warmup + args.steps) * args.repeats), seed=0,
-                         difficulty="easy")
+                         difficulty=args.difficulty)
     return str(model_dir), str(data / "train.jsonl")
 
 
 def format_table(rows: list[dict]) -> str:
-    columns = ["engine", "shared_prefix", "s_per_step", *PHASES, "train_fwd", "gen_tok_s", "train_tok_s",
+    columns = ["engine", "shared_prefix", "prompt_len", "completion_len", "s_per_step", *PHASES, "train_fwd", "gen_tok_s", "train_tok_s",
                "tflops_per_step", "mfu"]
     columns = [c for c in columns if any(c in r for r in rows)]
     lines = [" | ".join(columns)]
@@ -267,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[bench_grpo] {setting}: {partial['s_per_step']:.3f} s/step, train_fwd "
                       f"{partial['train_fwd']:.3f} s, rollout {partial['rollout']:.3f} s", flush=True)
     rows = [summarize(setting, collected[i], args, args.tp * args.pp) for i, setting in enumerate(settings)]
-    print(f"bench_grpo shape={args.shape} G={args.group_size} prompts={args.prompts} "
+    print(f"bench_grpo shape={args.shape} difficulty={args.difficulty} G={args.group_size} prompts={args.prompts} "
           f"max_new_tokens={args.max_new_tokens} steps={args.steps}x{args.repeats} (median; seconds)")
     print(format_table(rows))
     if args.json:

@@ -30,3 +30,19 @@ def test_bad_arguments_are_rejected():
         parse_args(["--group-size", "1"])
     with pytest.raises(SystemExit):
         parse_args(["--shape", "13b"])
+
+
+def test_summarize_reports_the_workload_and_medians():
+    from tools.bench_grpo import format_table, summarize
+
+    args = parse_args(["--group-size", "2", "--prompts", "2", "--beta", "0"])
+    steps = []
+    for step_time, prompt in ((3.0, 100.0), (5.0, 120.0), (4.0, 110.0)):
+        metrics = {"time/step": step_time, "time/rollout": 1.0, "time/update": step_time - 1.0}
+        steps.append({"metrics": metrics, "flops": {"train": 2e12, "rollout": 1e12}, "row_tokens": 1000,
+                      "generated": 256, "prompt_tokens": prompt})
+    row = summarize({"engine": "vllm", "shared_prefix": True}, steps, args, devices=1)
+    assert row["prompt_len"] == 110.0 and row["completion_len"] == 64.0  # 256 tokens over 2 prompts x G=2
+    assert row["s_per_step"] == 4.0 and row["train_fwd"] == 3.0 and row["rollout"] == 1.0
+    assert row["train_tok_s"] == 1000 / 3.0 and row["tflops_per_step"] == 3.0
+    assert format_table([row]).splitlines()[0].startswith("engine | shared_prefix | prompt_len | completion_len")
