@@ -12,7 +12,8 @@ Every setting (engine x shared prefix) runs in its own subprocess (``torchrun`` 
 steps then ``--steps`` timed steps through ``GRPOTrainer.step``; with ``--repeats R`` the settings run
 interleaved (A B A B ...) and each row reports the median step, so a noisy shared machine hits all settings alike.
 
-Columns: mean prompt and completion tokens (the workload: prefix sharing saves more the longer the prompt); s/step; each phase (sync, rollout, reward, micro-batch building, old/reference log-probs, update);
+Columns: mean prompt and completion tokens (the workload: prefix sharing saves more the longer the prompt);
+s/step; each phase (sync, rollout, reward, micro-batch building, old/reference log-probs, update);
 ``train_fwd`` = old + reference log-probs + update (what shared-prefix packing changes); generated tokens/s
 (completion tokens / rollout time); trained tokens/s (per-row-equivalent tokens, rows x (prompt + completion),
 over the training-forward time, so the same work counts the same in both layouts); model TFLOPs per step and MFU
@@ -36,6 +37,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from megatron_vlmr1.data.synthetic import DIFFICULTIES  # noqa: E402
 
 # Language model and vision tower sizes; 3b/7b/32b follow Qwen2.5-VL (vision MLP width simplified to 2 x hidden).
 SHAPES: dict[str, dict] = {
@@ -82,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--peak-tflops", type=float, default=None, help="per device; MFU is left out without it")
-    parser.add_argument("--difficulty", choices=("easy", "normal", "locate"), default="easy",
+    parser.add_argument("--difficulty", choices=DIFFICULTIES, default="easy",
                         help="synthetic REC images: easy 112 px (16 image tokens), normal 112-224 px (16-64)")
     parser.add_argument("--workdir", default=None, help="where the model and data go (default: a temp dir)")
     parser.add_argument("--json", default=None)
@@ -241,8 +244,8 @@ def prepare(args: argparse.Namespace, workdir: Path) -> tuple[str, str]:
 
 
 def format_table(rows: list[dict]) -> str:
-    columns = ["engine", "shared_prefix", "prompt_len", "completion_len", "s_per_step", *PHASES, "train_fwd", "gen_tok_s", "train_tok_s",
-               "tflops_per_step", "mfu"]
+    columns = ["engine", "shared_prefix", "prompt_len", "completion_len", "s_per_step", *PHASES, "train_fwd",
+               "gen_tok_s", "train_tok_s", "tflops_per_step", "mfu"]
     columns = [c for c in columns if any(c in r for r in rows)]
     lines = [" | ".join(columns)]
     for row in rows:
